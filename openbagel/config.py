@@ -1,0 +1,360 @@
+"""Configuration: frozen dataclasses, named presets, and reading a checkpoint folder.
+
+Every quirk of the published BAGEL-7B-MoT checkpoint is handled in exactly one
+place, :func:`config_from_checkpoint`. Nothing else in the package reads the
+json files of a checkpoint folder.
+
+Glossary: *latent patch* -- a 2x2 patch of the VAE latent, one generation
+token; *max latent size* -- side of the latent-token position grid (64 for
+7B-MoT, so 1024 px); *ViT patch* -- a 14x14x3 pixel patch, one ViT token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from openbagel.errors import CheckpointError
+
+RenormType = Literal["global", "channel", "text_channel"]
+
+#: File written by our exporter / shipped with our checkpoints. Optional.
+OPENBAGEL_EXTRA = "openbagel.json"
+#: File of the golden tiny checkpoint carrying the implicit settings. Optional.
+GOLDEN_EXTRA = "tiny_extra.json"
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Qwen2 decoder with MoT experts (``llm_config.json``)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """SigLIP vision tower run NaViT-style (``vit_config.json``).
+
+    ``num_layers`` is the number of layers **built** (the published json
+    declares one more; the reference drops the last one).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    patch_size: int = 14
+    image_size: int = 980
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """FLUX autoencoder shape (the reference hard-codes the published values)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    resolution: int = 256
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_mult)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ImageTransformConfig:
+    """Aspect-preserving resize bounds of one image path (spec section 4)."""
+
+    max_size: int
+    min_size: int
+    stride: int
+    max_pixels: int = 14 * 14 * 9 * 1024
+
+
+@dataclass(frozen=True)
+class ImageTaskDefaults:
+    """Default sampling settings of one image task (text-to-image or editing).
+
+    ``width``/``height`` of 0 mean "the input image's (resized) size".
+    ``num_timesteps`` counts schedule points: the model runs ``num_timesteps - 1`` times.
+    """
+
+    width: int
+    height: int
+    num_timesteps: int = 50
+    timestep_shift: float = 3.0
+    guidance_scale: float = 4.0
+    image_guidance_scale: float = 1.5
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: RenormType = "global"
+    cfg_renorm_min: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextDefaults:
+    """Default text decoding settings (the reference app's)."""
+
+    max_new_tokens: int = 512
+    max_think_tokens: int = 1024
+    temperature: float = 0.3
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class BagelConfig:
+    """Everything needed to build a BAGEL model and run its tasks."""
+
+    llm: LLMConfig
+    vit: ViTConfig
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+    position_mode: Literal["extrapolate", "interpolate"] = "extrapolate"
+    vae_transform: ImageTransformConfig = ImageTransformConfig(1024, 512, 16)
+    vit_transform: ImageTransformConfig = ImageTransformConfig(980, 224, 14)
+    t2i: ImageTaskDefaults = ImageTaskDefaults(width=1024, height=1024)
+    edit: ImageTaskDefaults = ImageTaskDefaults(
+        width=0,
+        height=0,
+        image_guidance_scale=2.0,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm_type="text_channel",
+    )
+    text: TextDefaults = TextDefaults()
+
+    @property
+    def latent_channels_per_token(self) -> int:
+        """Numbers carried by one generation token: ``p*p*z_channels`` (64)."""
+        return self.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def latent_downsample(self) -> int:
+        """Pixels per generation token side: VAE downsample x latent patch (16)."""
+        return self.vae.downsample * self.latent_patch_size
+
+    @property
+    def max_image_side(self) -> int:
+        """Largest image side that can be generated, in pixels (1024 for 7B-MoT)."""
+        return self.max_latent_size * self.latent_downsample
+
+
+# ---------------------------------------------------------------------------
+# Presets
+
+PRESETS: dict[str, BagelConfig] = {
+    "7b-mot": BagelConfig(
+        llm=LLMConfig(
+            hidden_size=3584,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+        ),
+        vit=ViTConfig(hidden_size=1152, num_layers=26, num_heads=16, intermediate_size=4304),
+    ),
+    # The golden tiny-random checkpoint of shared/golden (its transforms are
+    # the small ones the golden cases use).
+    "tiny-golden": BagelConfig(
+        llm=LLMConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            vocab_size=300,
+        ),
+        vit=ViTConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=128),
+        vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1),
+        vae_transform=ImageTransformConfig(256, 64, 16),
+        vit_transform=ImageTransformConfig(224, 56, 14),
+        t2i=ImageTaskDefaults(width=64, height=64, num_timesteps=10),
+        edit=ImageTaskDefaults(
+            width=0,
+            height=0,
+            num_timesteps=10,
+            image_guidance_scale=2.0,
+            cfg_interval=(0.0, 1.0),
+            cfg_renorm_type="text_channel",
+        ),
+        text=TextDefaults(max_new_tokens=32, max_think_tokens=64),
+    ),
+}
+
+
+def preset(name: str) -> BagelConfig:
+    """Return a named preset (``"7b-mot"``, ``"tiny-golden"``).
+
+    Raises:
+        KeyError: unknown name; the message lists the known ones.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Reading a checkpoint folder
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: missing {path.name}; a BAGEL checkpoint folder needs it") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _image_transform(d: dict[str, Any]) -> ImageTransformConfig:
+    return ImageTransformConfig(
+        max_size=int(d["max_size"]),
+        min_size=int(d["min_size"]),
+        stride=int(d["stride"]),
+        max_pixels=int(d.get("max_pixels", 14 * 14 * 9 * 1024)),
+    )
+
+
+def _task_defaults(base: ImageTaskDefaults, d: dict[str, Any]) -> ImageTaskDefaults:
+    d = dict(d)
+    if "cfg_interval" in d:
+        d["cfg_interval"] = tuple(float(x) for x in d["cfg_interval"])
+    return replace(base, **d)
+
+
+def config_from_checkpoint(folder: str | Path) -> BagelConfig:
+    """Read a BAGEL checkpoint folder's json files into a :class:`BagelConfig`.
+
+    This is the one function that knows the published checkpoint's quirks:
+
+    * ``llm_config.json`` is a plain Qwen2 config; the reference forces
+      ``qk_norm=True``, untied embeddings and MoT layers (our model always has
+      them), whatever the file says.
+    * ``vit_config.json`` declares one layer more than is built: the reference
+      drops the last encoder layer (it selects the second-to-last hidden state),
+      uses a linear patch embedding and no rotary embedding.
+    * The VAE shape and the top-level settings (latent patch 2, max latent size
+      64, ViT max 70 patches a side, connector ``gelu_pytorch_tanh``) are not in
+      the published folder; they default to the published values, and are
+      read from ``openbagel.json`` (ours) or ``tiny_extra.json`` (golden) when
+      one is present.
+
+    Args:
+        folder: the checkpoint folder.
+
+    Raises:
+        CheckpointError: a json file is missing or malformed.
+    """
+    folder = Path(folder)
+    llm = _read_json(folder / "llm_config.json")
+    vit = _read_json(folder / "vit_config.json")
+    try:
+        llm_cfg = LLMConfig(
+            hidden_size=int(llm["hidden_size"]),
+            num_layers=int(llm["num_hidden_layers"]),
+            num_heads=int(llm["num_attention_heads"]),
+            num_kv_heads=int(llm.get("num_key_value_heads", llm["num_attention_heads"])),
+            intermediate_size=int(llm["intermediate_size"]),
+            vocab_size=int(llm["vocab_size"]),
+            rope_theta=float(llm.get("rope_theta", 1_000_000.0)),
+            rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
+        )
+        vit_cfg = ViTConfig(
+            hidden_size=int(vit["hidden_size"]),
+            num_layers=int(vit["num_hidden_layers"]) - 1,  # quirk: last layer dropped
+            num_heads=int(vit["num_attention_heads"]),
+            intermediate_size=int(vit["intermediate_size"]),
+            patch_size=int(vit.get("patch_size", 14)),
+            image_size=int(vit.get("image_size", 980)),
+            layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{folder}: config is missing the field {e.args[0]!r}") from None
+
+    cfg = BagelConfig(llm=llm_cfg, vit=vit_cfg)
+    if (folder / OPENBAGEL_EXTRA).exists():
+        cfg = _apply_openbagel_extra(cfg, _read_json(folder / OPENBAGEL_EXTRA))
+    elif (folder / GOLDEN_EXTRA).exists():
+        cfg = _apply_golden_extra(cfg, _read_json(folder / GOLDEN_EXTRA))
+    return cfg
+
+
+def _vae_from_ae_params(p: dict[str, Any]) -> VAEConfig:
+    """FLUX ``AutoEncoderParams`` names -> :class:`VAEConfig`."""
+    return VAEConfig(
+        in_channels=int(p.get("in_channels", 3)),
+        out_channels=int(p.get("out_ch", 3)),
+        base_channels=int(p["ch"]),
+        channel_mult=tuple(int(m) for m in p["ch_mult"]),
+        num_res_blocks=int(p["num_res_blocks"]),
+        z_channels=int(p["z_channels"]),
+        scale_factor=float(p["scale_factor"]),
+        shift_factor=float(p["shift_factor"]),
+        resolution=int(p.get("resolution", 256)),
+    )
+
+
+_TOP_LEVEL = ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "connector_act")
+
+
+def _apply_golden_extra(cfg: BagelConfig, extra: dict[str, Any]) -> BagelConfig:
+    top = {k: extra.get("bagel_config", {})[k] for k in _TOP_LEVEL if k in extra.get("bagel_config", {})}
+    if "ae_params" in extra:
+        top["vae"] = _vae_from_ae_params(extra["ae_params"])
+    return replace(cfg, **top)
+
+
+def _apply_openbagel_extra(cfg: BagelConfig, extra: dict[str, Any]) -> BagelConfig:
+    top: dict[str, Any] = {k: extra[k] for k in (*_TOP_LEVEL, "position_mode") if k in extra}
+    if "vae" in extra:
+        v = dict(extra["vae"])
+        if "channel_mult" in v:
+            v["channel_mult"] = tuple(v["channel_mult"])
+        top["vae"] = replace(cfg.vae, **v)
+    for name in ("vae_transform", "vit_transform"):
+        if name in extra:
+            top[name] = _image_transform(extra[name])
+    for name in ("t2i", "edit"):
+        if name in extra:
+            top[name] = _task_defaults(getattr(cfg, name), extra[name])
+    if "text" in extra:
+        top["text"] = replace(cfg.text, **extra["text"])
+    return replace(cfg, **top)
+
+
+def openbagel_extra(cfg: BagelConfig) -> dict[str, Any]:
+    """The ``openbagel.json`` content that makes :func:`config_from_checkpoint` return ``cfg``
+    (given the same ``llm_config.json``/``vit_config.json``)."""
+    d = asdict(cfg)
+    out = {k: d[k] for k in (*_TOP_LEVEL, "position_mode", "vae", "vae_transform", "vit_transform", "t2i", "edit", "text")}
+    return out

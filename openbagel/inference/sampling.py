@@ -1,0 +1,174 @@
+"""Pure sampling maths: token sampling, the flow schedule, the Euler step, and
+classifier-free guidance with renormalisation (spec sections 5 and 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from openbagel.config import ImageTaskDefaults, RenormType
+from openbagel.errors import InvalidInputError
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class TextSampling:
+    """Text decoding settings (transformers' ``generate`` names).
+
+    ``max_new_tokens`` counts generated tokens; ``do_sample=False`` is greedy.
+    """
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise InvalidInputError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """Image generation settings.
+
+    Attributes:
+        num_timesteps: points of the schedule from t=1 to t=0; the model runs
+            ``num_timesteps - 1`` times (BAGEL's meaning). At least 2.
+        timestep_shift: schedule shift ``s`` in ``s*t / (1 + (s-1)*t)``.
+        guidance_scale: text guidance; <= 1 turns it off.
+        image_guidance_scale: image guidance; <= 1 turns it off.
+        cfg_interval: guidance applies while ``lo < t <= hi``.
+        cfg_renorm_type: ``global``, ``channel`` or ``text_channel``.
+        cfg_renorm_min: lower clamp of the renorm factor (0 = no floor).
+    """
+
+    num_timesteps: int = 50
+    timestep_shift: float = 3.0
+    guidance_scale: float = 4.0
+    image_guidance_scale: float = 1.5
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: RenormType = "global"
+    cfg_renorm_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 2:
+            raise InvalidInputError(
+                f"num_timesteps must be at least 2 (it counts schedule points; the model runs num_timesteps - 1 times), got {self.num_timesteps}"
+            )
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise InvalidInputError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}")
+        if self.timestep_shift <= 0:
+            raise InvalidInputError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        lo, hi = self.cfg_interval
+        if not lo <= hi:
+            raise InvalidInputError(f"cfg_interval must be (lo, hi) with lo <= hi, got {self.cfg_interval}")
+
+    @staticmethod
+    def from_defaults(d: ImageTaskDefaults, **overrides) -> "ImageSampling":
+        """Task defaults with the non-``None`` overrides applied."""
+        values = dict(
+            num_timesteps=d.num_timesteps,
+            timestep_shift=d.timestep_shift,
+            guidance_scale=d.guidance_scale,
+            image_guidance_scale=d.image_guidance_scale,
+            cfg_interval=tuple(d.cfg_interval),
+            cfg_renorm_type=d.cfg_renorm_type,
+            cfg_renorm_min=d.cfg_renorm_min,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return ImageSampling(**values)
+
+
+# --- text --------------------------------------------------------------------------
+
+
+def sample_token(logits: Tensor, params: TextSampling, generator: torch.Generator | None = None) -> int:
+    """Next token from ``[vocab]`` logits: argmax, or temperature + top-p (nucleus) sampling."""
+    if not params.do_sample:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always the best token)
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+# --- flow -------------------------------------------------------------------------
+
+
+def flow_schedule(num_timesteps: int, shift: float) -> Tensor:
+    """The ``num_timesteps`` shifted schedule points from 1 to 0, float32.
+
+    ``t = linspace(1, 0, N)``, then ``t' = s*t / (1 + (s-1)*t)`` (SD3's shift;
+    BAGEL ``generate_image``). The steps are the ``N-1`` gaps.
+    """
+    t = torch.linspace(1, 0, num_timesteps)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def euler_step(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """One Euler step of the rectified flow towards t=0: ``x - v * (t - t_next)``."""
+    return x - v * (t - t_next)
+
+
+def guidance_active(t: float, interval: tuple[float, float]) -> bool:
+    """Guidance applies while ``lo < t <= hi``."""
+    return interval[0] < t <= interval[1]
+
+
+def _clamped_ratio(ref: Tensor, x: Tensor, lo: float, per_token: bool) -> Tensor:
+    if per_token:
+        n_ref, n_x = ref.norm(dim=-1, keepdim=True), x.norm(dim=-1, keepdim=True)
+    else:
+        n_ref, n_x = ref.norm(), x.norm()
+    return (n_ref / (n_x + 1e-8)).clamp(min=lo, max=1.0)
+
+
+def combine_guidance(
+    v: Tensor,
+    v_text_free: Tensor | None,
+    v_image_free: Tensor | None,
+    guidance_scale: float,
+    image_guidance_scale: float,
+    renorm_type: RenormType = "global",
+    renorm_min: float = 0.0,
+) -> Tensor:
+    """Classifier-free guidance over the three contexts, then renormalisation.
+
+    ``a = v_t + g_text*(v - v_t)`` (or ``a = v`` when text guidance is off),
+    ``b = v_i + g_img*(a - v_i)`` (or ``b = a`` when image guidance is off).
+    Renorm: ``global``/``channel`` scale ``b`` by ``clamp(|v|/|b|, min, 1)``
+    over all numbers / per token; ``text_channel`` applies the per-token clamp
+    to ``a`` before image guidance and none after (BAGEL ``_forward_flow``).
+
+    A guidance scale <= 1 means off; the matching velocity may be ``None``.
+    Unlike the reference, image guidance applies even with text guidance off
+    (the reference skips all guidance then).
+
+    Args:
+        v, v_text_free, v_image_free: ``[n, C]`` velocities of the full,
+            text-free and image-free contexts.
+    Returns:
+        ``[n, C]`` guided velocity.
+    """
+    text_on, image_on = guidance_scale > 1.0, image_guidance_scale > 1.0
+    if not (text_on or image_on):
+        return v
+    a = v_text_free + guidance_scale * (v - v_text_free) if text_on else v
+    if renorm_type == "text_channel":
+        if text_on:
+            a = a * _clamped_ratio(v, a, renorm_min, per_token=True)
+        return v_image_free + image_guidance_scale * (a - v_image_free) if image_on else a
+    b = v_image_free + image_guidance_scale * (a - v_image_free) if image_on else a
+    return b * _clamped_ratio(v, b, renorm_min, per_token=renorm_type == "channel")

@@ -1,0 +1,101 @@
+"""The one attention call of the model, with interchangeable backends.
+
+PyTorch's ``scaled_dot_product_attention`` (SDPA) is always available and is
+the reference. flash-attn is an optional backend, imported lazily, used only
+on CUDA tensors without a dense mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MaskKind = Literal["full", "causal", "dense"]
+
+
+@dataclass(frozen=True)
+class AttnMask:
+    """Which keys each query may see.
+
+    * ``full``: every query sees every key (image segments, ViT images).
+    * ``causal``: the ``Lq`` queries are the **last** ``Lq`` of the ``Lk`` keys,
+      each sees the keys up to and including itself (text after a cached prefix).
+    * ``dense``: ``mask`` is a bool ``[Lq, Lk]`` tensor, True where attention is
+      allowed (packed training batches).
+    """
+
+    kind: MaskKind = "full"
+    mask: Tensor | None = None
+
+    @staticmethod
+    def full() -> "AttnMask":
+        return AttnMask("full")
+
+    @staticmethod
+    def causal() -> "AttnMask":
+        return AttnMask("causal")
+
+    @staticmethod
+    def dense(mask: Tensor) -> "AttnMask":
+        return AttnMask("dense", mask)
+
+
+_BACKEND = "sdpa"
+
+
+def set_attention_backend(name: Literal["sdpa", "flash"]) -> None:
+    """Choose the attention backend (``"sdpa"`` default; ``"flash"`` needs flash-attn and CUDA).
+
+    Raises:
+        ValueError: unknown name. ImportError: ``"flash"`` without flash-attn installed.
+    """
+    global _BACKEND
+    if name == "flash":
+        import flash_attn  # noqa: F401  (fail now, not in the middle of a forward)
+    elif name != "sdpa":
+        raise ValueError(f"unknown attention backend {name!r}; choose 'sdpa' or 'flash'")
+    _BACKEND = name
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn aligns the causal mask bottom-right, as we want.
+    return flash_attn_func(q[None], k[None], v[None], causal=causal)[0]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+        q: ``[Lq, H, D]`` queries.
+        k, v: ``[Lk, Hkv, D]`` keys and values, ``H`` a multiple of ``Hkv``.
+        mask: see :class:`AttnMask`.
+    Returns:
+        ``[Lq, H, D]``.
+    """
+    lq, lk = q.shape[0], k.shape[0]
+    if _BACKEND == "flash" and q.is_cuda and mask.kind != "dense" and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash(q, k, v, causal=mask.kind == "causal")
+    attn_mask = None
+    is_causal = False
+    if mask.kind == "dense":
+        attn_mask = mask.mask
+    elif mask.kind == "causal":
+        if lq == lk:
+            is_causal = True
+        else:  # SDPA's is_causal aligns top-left; queries sit at the end here.
+            attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
