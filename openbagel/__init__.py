@@ -1,0 +1,29 @@
+"""openbagel: run, serve and fine-tune BAGEL, the unified multimodal model.
+
+Public API::
+
+    from openbagel import BagelPipeline
+    pipe = BagelPipeline.from_pretrained("path/to/checkpoint", dtype="bfloat16", device="cuda")
+"""
+
+from openbagel.config import BagelConfig, config_from_checkpoint, preset
+from openbagel.errors import CheckpointError, InvalidInputError, OpenBagelError
+from openbagel.inference.sampling import ImageSampling, TextSampling
+from openbagel.pipeline import BagelPipeline, Chat, ImageResult, TextResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BagelConfig",
+    "BagelPipeline",
+    "Chat",
+    "CheckpointError",
+    "ImageResult",
+    "ImageSampling",
+    "InvalidInputError",
+    "OpenBagelError",
+    "TextResult",
+    "TextSampling",
+    "config_from_checkpoint",
+    "preset",
+]

@@ -75,7 +75,7 @@ class _Checker:
 
     def pixels(self, name: str, ours: Tensor | np.ndarray, ref: Tensor, levels: int = 1) -> None:
         """8-bit images within ``levels`` per pixel (float32 only)."""
-        ours_t = torch.as_tensor(np.array(ours)).to(torch.int64)
+        ours_t = ours.to(torch.int64) if isinstance(ours, Tensor) else torch.from_numpy(np.array(ours, dtype=np.int64))
         ref_t = ref.to(torch.int64)
         if ours_t.shape != ref_t.shape:
             self.r.failures.append(f"{name}: shape {list(ours_t.shape)} != {list(ref_t.shape)}")

@@ -1,0 +1,324 @@
+"""The ``openbagel`` command line: generate, edit, understand, chat."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+from PIL import Image
+
+from openbagel.errors import OpenBagelError
+
+app = typer.Typer(
+    help="Run BAGEL, the unified multimodal model: text-to-image, image editing, image understanding and chat.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# --- shared options ----------------------------------------------------------------
+
+ModelOpt = typer.Option(..., "--model", "-m", help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files).", envvar="OPENBAGEL_MODEL")
+DeviceOpt = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
+DtypeOpt = typer.Option("float32", "--dtype", help="Weights and activations: float32 or bfloat16.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
+StepsOpt = typer.Option(None, "--steps", help="Schedule points from noise to image; the model runs STEPS-1 times (default: the model's, 50 for 7B-MoT).")
+CfgTextOpt = typer.Option(None, "--guidance-scale", "--cfg-text", help="Text guidance scale; <= 1 turns it off (default 4.0).")
+CfgImgOpt = typer.Option(None, "--image-guidance-scale", "--cfg-img", help="Image guidance scale; <= 1 turns it off (default 1.5 text-to-image, 2.0 edit).")
+SizeOpt = typer.Option(None, "--size", help="Output size WxH in pixels, multiples of 16 (default: the model's; edit: the input's).")
+ShiftOpt = typer.Option(None, "--shift", help="Timestep shift of the schedule (default 3.0).")
+IntervalOpt = typer.Option(None, "--cfg-interval", help="Guidance applies while LO < t <= HI, as LO,HI (default 0.4,1.0 text-to-image; 0,1 edit).")
+RenormOpt = typer.Option(None, "--renorm", help="Guidance renormalisation: global, channel or text_channel.")
+RenormMinOpt = typer.Option(None, "--renorm-min", help="Lower clamp of the renorm factor (default 0).")
+ThinkOpt = typer.Option(False, "--think", help="Let the model reason (plan) in text first; the reasoning is printed.")
+OutOpt = typer.Option(..., "--output", "-o", help="Output image file (.png, .jpg, .webp ...).")
+MaxTokOpt = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default 512; 1024 with --think).")
+SampleOpt = typer.Option(False, "--do-sample", help="Sample tokens instead of greedy decoding.")
+TempOpt = typer.Option(None, "--temperature", help="Sampling temperature with --do-sample (default 0.3).")
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample (default 1.0).")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        _fail(f"--size must look like WIDTHxHEIGHT (for example 1024x768), got {size!r}")
+    return h, w
+
+
+def _parse_interval(value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        _fail(f"--cfg-interval must look like LO,HI (for example 0.4,1.0), got {value!r}")
+    return lo, hi
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an output path we could not write, before any compute."""
+    ext = path.suffix.lower()
+    if ext not in Image.registered_extensions():
+        _fail(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        _fail(f"output folder {str(parent)!r} does not exist")
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        image.save(tmp, format=fmt)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(model: str, device: str, dtype: str):
+    from openbagel.pipeline import BagelPipeline
+
+    return BagelPipeline.from_pretrained(model, dtype=dtype, device=device)
+
+
+def _run(fn):
+    """Run a command body, turning our errors into one clean line and exit code 2."""
+    try:
+        return fn()
+    except OpenBagelError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw. An empty string gives unconditional generation."),
+    output: Path = OutOpt,
+    model: str = ModelOpt,
+    seed: Optional[int] = SeedOpt,
+    steps: Optional[int] = StepsOpt,
+    guidance_scale: Optional[float] = CfgTextOpt,
+    image_guidance_scale: Optional[float] = CfgImgOpt,
+    size: Optional[str] = SizeOpt,
+    shift: Optional[float] = ShiftOpt,
+    cfg_interval: Optional[str] = IntervalOpt,
+    renorm: Optional[str] = RenormOpt,
+    renorm_min: Optional[float] = RenormMinOpt,
+    think: bool = ThinkOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Generate an image from a text prompt."""
+    height, width = _parse_size(size)
+    interval = _parse_interval(cfg_interval)
+    _check_output(output)
+
+    def body():
+        pipe = _load(model, device, dtype)
+        result = pipe.text_to_image(
+            prompt, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
+            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, seed=seed, think=think, progress=True,
+        )  # fmt: skip
+        if result.reasoning is not None:
+            typer.echo(f"reasoning: {result.reasoning}")
+        _save(result.image, output)
+        typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
+
+    _run(body)
+
+
+@app.command()
+def edit(
+    image: Path = typer.Argument(..., help="Input image file."),
+    instruction: str = typer.Argument(..., help="What to change, e.g. 'make the sky purple' or 'in the style of a watercolour'."),
+    output: Path = OutOpt,
+    model: str = ModelOpt,
+    seed: Optional[int] = SeedOpt,
+    steps: Optional[int] = StepsOpt,
+    guidance_scale: Optional[float] = CfgTextOpt,
+    image_guidance_scale: Optional[float] = CfgImgOpt,
+    size: Optional[str] = SizeOpt,
+    shift: Optional[float] = ShiftOpt,
+    cfg_interval: Optional[str] = IntervalOpt,
+    renorm: Optional[str] = RenormOpt,
+    renorm_min: Optional[float] = RenormMinOpt,
+    think: bool = ThinkOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Edit or restyle an image following an instruction."""
+    height, width = _parse_size(size)
+    interval = _parse_interval(cfg_interval)
+    _check_output(output)
+
+    def body():
+        from openbagel.images import load_image
+
+        source = load_image(image)  # fail on a bad image before loading the model
+        pipe = _load(model, device, dtype)
+        result = pipe.edit(
+            source, instruction, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
+            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, seed=seed, think=think, progress=True,
+        )  # fmt: skip
+        if result.reasoning is not None:
+            typer.echo(f"reasoning: {result.reasoning}")
+        _save(result.image, output)
+        typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
+
+    _run(body)
+
+
+@app.command()
+def understand(
+    image: Path = typer.Argument(..., help="Input image file."),
+    question: str = typer.Argument(..., help="The question about the image."),
+    model: str = ModelOpt,
+    think: bool = ThinkOpt,
+    max_new_tokens: Optional[int] = MaxTokOpt,
+    do_sample: bool = SampleOpt,
+    temperature: Optional[float] = TempOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Answer a question about an image; the answer streams to stdout."""
+
+    def body():
+        from openbagel.images import load_image
+
+        source = load_image(image)
+        pipe = _load(model, device, dtype)
+        stream = pipe.understand_stream(
+            source, question, think=think, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed,
+        )  # fmt: skip
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    _run(body)
+
+
+CHAT_HELP = """commands:
+  /image PATH        add an image to the conversation
+  /generate [-o F]   generate an image from the conversation (saved to F, default chat_N.png)
+  /reset             start a new conversation
+  /help              this help
+  /quit              leave (Ctrl-D works too)
+anything else is your message; the model answers it."""
+
+
+@app.command()
+def chat(
+    model: str = ModelOpt,
+    think: bool = ThinkOpt,
+    max_new_tokens: Optional[int] = MaxTokOpt,
+    do_sample: bool = SampleOpt,
+    temperature: Optional[float] = TempOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    steps: Optional[int] = StepsOpt,
+    size: Optional[str] = SizeOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Interactive multi-turn chat; images go in with /image PATH and come out with /generate."""
+    height, width = _parse_size(size)
+
+    def body():
+        import torch
+
+        from openbagel.inference.sampling import TextSampling
+        from openbagel.pipeline import THINK_UNDERSTAND_PROMPT
+
+        pipe = _load(model, device, dtype)
+        t = pipe.config.text
+        params = TextSampling(
+            max_new_tokens=max_new_tokens or (t.max_think_tokens if think else t.max_new_tokens),
+            do_sample=do_sample,
+            temperature=t.temperature if temperature is None else temperature,
+            top_p=t.top_p if top_p is None else top_p,
+        )
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
+        typer.echo("openbagel chat; /help for commands", err=True)
+        count = 0
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                typer.echo("", err=True)
+                return
+            if not line:
+                continue
+            try:
+                if line in ("/quit", "/exit"):
+                    return
+                if line == "/help":
+                    typer.echo(CHAT_HELP)
+                elif line == "/reset":
+                    conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
+                    typer.echo("(new conversation)")
+                elif line.startswith("/image"):
+                    path = line[len("/image") :].strip()
+                    if not path:
+                        typer.echo("usage: /image PATH")
+                        continue
+                    w, h = conv.add_image(path)
+                    typer.echo(f"(image added, {w}x{h})")
+                elif line.startswith("/generate"):
+                    args = line.split()
+                    out = Path(args[2]) if len(args) == 3 and args[1] == "-o" else Path(f"chat_{count}.png")
+                    count += 1
+                    settings = pipe.image_settings(pipe.config.t2i, height, width, seed, None, num_timesteps=steps)
+                    result = conv.generate_image(settings, progress=True)
+                    _save(result.image, out)
+                    typer.echo(f"(image written to {out})")
+                elif line.startswith("/"):
+                    typer.echo(f"unknown command {line.split()[0]}; /help lists them")
+                else:
+                    conv.add_text(line)
+                    sys.stdout.write("bagel> ")
+                    for piece in conv.reply_stream(params, generator):
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                    sys.stdout.write("\n")
+            except OpenBagelError as e:
+                typer.echo(f"error: {e}", err=True)
+
+    _run(body)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,454 @@
+"""The public Python API: load a checkpoint folder, run the tasks.
+
+>>> from openbagel import BagelPipeline
+>>> pipe = BagelPipeline.from_pretrained("path/to/BAGEL-7B-MoT", dtype="bfloat16", device="cuda")
+>>> pipe.text_to_image("a red cube on a wooden table", seed=0).image.save("cube.png")
+>>> pipe.understand("cube.png", "What is on the table?").text
+
+The recipes follow spec section 7: each builds a :class:`Chat` (the three
+guidance contexts) and runs the text decoder or the image sampler on it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir
+from openbagel.config import BagelConfig, ImageTaskDefaults, config_from_checkpoint
+from openbagel.errors import InvalidInputError
+from openbagel.images import load_image, resize, to_pil, to_tensor
+from openbagel.inference.generate import decode_tokens, generate_latents
+from openbagel.inference.sampling import ImageSampling, TextSampling
+from openbagel.inference.session import Session
+from openbagel.model.bagel import Bagel
+from openbagel.model.vae import BagelVAE
+from openbagel.packing import flattened_position_ids, patchify, unpatchify
+from openbagel.tokenizer import Tokenizer
+
+#: System prompts of thinking mode, verbatim (the model was trained on them; spec section 7).
+THINK_UNDERSTAND_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here"
+)
+THINK_GENERATE_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here"
+)
+
+ImageInput = str | Path | Image.Image
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bfloat16"`` (or a ``torch.dtype``) -> ``torch.dtype``.
+
+    Raises:
+        InvalidInputError: another dtype.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16):
+            return dtype
+        raise InvalidInputError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise InvalidInputError(f"dtype {dtype!r} is not supported; use float32 or bfloat16") from None
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """Check that a device exists here.
+
+    Raises:
+        InvalidInputError: unknown device, or CUDA/MPS not available.
+    """
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError("device 'mps' requested but MPS is not available; use --device cpu")
+    return dev
+
+
+@dataclass
+class ImageResult:
+    """Generated images and, with ``think=True``, the model's planning text."""
+
+    images: list[Image.Image]
+    reasoning: str | None = None
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+@dataclass
+class TextResult:
+    """An answer and, with ``think=True``, the reasoning that preceded it."""
+
+    text: str
+    reasoning: str | None = None
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split ``<think> ... </think> answer`` into ``(reasoning, answer)``.
+
+    Without a closing ``</think>`` the whole text is the answer and reasoning is None.
+    """
+    head, sep, tail = text.partition("</think>")
+    if not sep:
+        return None, text.strip()
+    return re.sub(r"^\s*<think>", "", head).strip(), tail.strip()
+
+
+@dataclass
+class ImageSettings:
+    """Size, sampling settings and random source of one image generation."""
+
+    height: int
+    width: int
+    sampling: ImageSampling
+    generator: torch.Generator | None = field(default=None)
+
+
+class BagelPipeline:
+    """A loaded BAGEL: model, VAE, tokenizer and config.
+
+    Create with :meth:`from_pretrained`. All task methods are thread-unsafe
+    and run under ``torch.inference_mode``.
+    """
+
+    def __init__(self, model: Bagel, vae: BagelVAE, tokenizer: Tokenizer, config: BagelConfig):
+        self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
+        if max(tokenizer.ids.values()) >= config.llm.vocab_size:
+            raise InvalidInputError(
+                f"the tokenizer's special ids {tokenizer.ids} exceed the model's vocabulary ({config.llm.vocab_size}); "
+                "the tokenizer files do not belong to this checkpoint"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    ) -> "BagelPipeline":
+        """Load a checkpoint folder (or a Hugging Face cache snapshot folder), offline.
+
+        Args:
+            path: folder with ``llm_config.json``, ``vit_config.json``,
+                ``ema.safetensors``, ``ae.safetensors`` and the tokenizer files.
+            dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations).
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        Raises:
+            CheckpointError: missing, corrupt or mismatched files.
+            InvalidInputError: bad dtype or unavailable device.
+        """
+        dt, dev = parse_dtype(dtype), parse_device(device)
+        folder = resolve_checkpoint_dir(path)
+        config = config_from_checkpoint(folder)
+        tokenizer = Tokenizer.from_folder(folder)
+        model = load_model(folder, dtype=dt, device=dev, config=config)
+        vae = load_vae(folder, dtype=dt, device=dev, config=config)
+        return cls(model, vae, tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.vae2llm.weight.device
+
+    def chat(self, system_prompt: str | None = None) -> "Chat":
+        """A new multi-turn conversation (see :class:`Chat`)."""
+        return Chat(self, system_prompt)
+
+    # --- settings ----------------------------------------------------------------
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse sizes the model cannot generate, before any compute.
+
+        Raises:
+            InvalidInputError: a side that is not a multiple of 16 (the message
+                gives the nearest valid size), or beyond the model's maximum.
+        """
+        step, limit = self.config.latent_downsample, self.config.max_image_side
+        for name, v in (("height", height), ("width", width)):
+            if v > limit:
+                raise InvalidInputError(f"{name} {v} exceeds this model's limit of {limit} pixels (max_latent_size {self.config.max_latent_size} x {step})")
+            if v < step or v % step:
+                nearest = min(limit, max(step, round(v / step) * step))
+                raise InvalidInputError(f"{name} {v} is not a multiple of {step}; the nearest valid {name} is {nearest}")
+
+    def image_settings(self, defaults: ImageTaskDefaults, height=None, width=None, seed=None, generator=None, **sampling) -> "ImageSettings":
+        """Resolve per-call image settings against a task's defaults (``config.t2i`` or ``config.edit``).
+
+        ``None`` means "the default". Raises :class:`InvalidInputError` for bad sizes or settings.
+        """
+        params = ImageSampling.from_defaults(defaults, **sampling)
+        height = height or defaults.height
+        width = width or defaults.width
+        if height:
+            self.check_size(height, width)
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        return ImageSettings(height, width, params, generator)
+
+    def _text_sampling(self, max_new_tokens, do_sample, temperature, top_p) -> TextSampling:
+        t = self.config.text
+        return TextSampling(
+            max_new_tokens=max_new_tokens or t.max_new_tokens,
+            do_sample=do_sample,
+            temperature=t.temperature if temperature is None else temperature,
+            top_p=t.top_p if top_p is None else top_p,
+        )
+
+    # --- tasks -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def text_to_image(
+        self,
+        prompt: str,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_timesteps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        timestep_shift: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        think: bool = False,
+        max_think_tokens: int | None = None,
+        progress: bool = False,
+    ) -> ImageResult:
+        """Generate an image from text. An empty prompt is unconditional generation.
+
+        Sizes are pixels, multiples of 16 (defaults from the config's ``t2i``).
+        ``num_timesteps`` counts schedule points: the model runs
+        ``num_timesteps - 1`` times. Guidance scales <= 1 turn that guidance off.
+        With ``think=True`` the model first writes a plan, returned as ``reasoning``.
+
+        Raises:
+            InvalidInputError: bad size or settings (before any compute).
+        """
+        s = self.image_settings(
+            self.config.t2i, height, width, seed, generator,
+            num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+            timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
+        )  # fmt: skip
+        chat = self.chat(THINK_GENERATE_PROMPT if think else None)
+        chat.add_text(prompt)
+        return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        image: ImageInput | None,
+        prompt: str,
+        *,
+        images: Sequence[ImageInput] = (),
+        num_timesteps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        timestep_shift: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        think: bool = False,
+        max_think_tokens: int | None = None,
+        progress: bool = False,
+    ) -> ImageResult:
+        """Edit (or restyle) an image following an instruction.
+
+        The output has the input's size after the VAE-path resize, unless
+        ``height``/``width`` are given. ``images`` adds more input images after
+        the first. Defaults come from the config's ``edit`` settings.
+
+        Raises:
+            InvalidInputError: no image given, unreadable image, bad settings.
+        """
+        inputs = [image, *images] if image is not None else list(images)
+        if not inputs:
+            raise InvalidInputError("edit needs an input image; pass image=PATH_OR_PIL")
+        loaded = [load_image(i) for i in inputs]
+        s = self.image_settings(
+            self.config.edit, height, width, seed, generator,
+            num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+            timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
+        )  # fmt: skip
+        chat = self.chat(THINK_GENERATE_PROMPT if think else None)
+        sizes = [chat.add_image(i) for i in loaded]
+        if not s.height:
+            s.width, s.height = sizes[0]
+        chat.add_text(prompt)
+        return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
+
+    @torch.inference_mode()
+    def understand(
+        self,
+        image: ImageInput | Sequence[ImageInput] | None,
+        question: str,
+        *,
+        think: bool = False,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> TextResult:
+        """Answer a question about one or more images (or none: plain text).
+
+        Greedy by default; ``do_sample=True`` samples with ``temperature`` and
+        ``top_p``. With ``think=True`` the reasoning is returned apart from the answer.
+        """
+        text = "".join(
+            self.understand_stream(
+                image, question, think=think, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_p=top_p, seed=seed,
+            )
+        )  # fmt: skip
+        if think:
+            reasoning, answer = split_reasoning(text)
+            return TextResult(answer, reasoning)
+        return TextResult(text.strip())
+
+    @torch.inference_mode()
+    def understand_stream(
+        self,
+        image: ImageInput | Sequence[ImageInput] | None,
+        question: str,
+        *,
+        think: bool = False,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Like :meth:`understand`, as an iterator of text pieces (reasoning included when thinking).
+
+        Inputs are checked and the context is built before this returns.
+        """
+        if image is None:
+            images: list = []
+        elif isinstance(image, (str, Path, Image.Image)):
+            images = [image]
+        else:
+            images = list(image)
+        loaded = [load_image(i) for i in images]
+        params = self._text_sampling(max_new_tokens or (self.config.text.max_think_tokens if think else None), do_sample, temperature, top_p)
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        chat = self.chat(THINK_UNDERSTAND_PROMPT if think else None)
+        for img in loaded:
+            chat.add_image(img, vae=False)
+        chat.add_text(question)
+        return chat.reply_stream(params, generator=generator, remember=False)
+
+
+class Chat:
+    """A multi-turn conversation in which images go in and come out.
+
+    Conventions (spec section 7): user texts go to the full and image-free
+    contexts; user images (VAE + ViT segments) to the full context; answers
+    are appended as text to the full and image-free contexts; generated
+    images are fed back like user images; generated reasoning stays in the
+    full context only.
+    """
+
+    def __init__(self, pipe: BagelPipeline, system_prompt: str | None = None):
+        self.pipe = pipe
+        self.session = Session(pipe.model, pipe.tokenizer.special)
+        if system_prompt:
+            self.session.add_text(pipe.tokenizer.encode(system_prompt), user=False)
+
+    @torch.inference_mode()
+    def add_text(self, text: str) -> None:
+        """A user text."""
+        self.session.add_text(self.pipe.tokenizer.encode(text))
+
+    @torch.inference_mode()
+    def add_image(self, image: ImageInput, *, vae: bool = True, vit: bool = True) -> tuple[int, int]:
+        """A user image, through the VAE path (for generation) and/or the ViT path (for understanding).
+
+        The image is first resized for the VAE path (also when only the ViT
+        path is used, as the reference does). Returns that ``(width, height)``.
+        """
+        cfg, model = self.pipe.config, self.pipe.model
+        img = resize(load_image(image), cfg.vae_transform)
+        if vae:
+            pixels = to_tensor(img)[None].to(self.pipe.device)
+            latent = self.pipe.vae.encode(pixels)[0].float()
+            p = cfg.latent_patch_size
+            h, w = latent.shape[1] // p, latent.shape[2] // p
+            pos = flattened_position_ids(h, w, cfg.max_latent_size, cfg.position_mode)
+            self.session.add_vae_image(patchify(latent, p), pos)
+        if vit:
+            pixels = to_tensor(resize(img, cfg.vit_transform))
+            p = cfg.vit.patch_size
+            pos = flattened_position_ids(pixels.shape[1] // p, pixels.shape[2] // p, cfg.vit_max_num_patch_per_side, cfg.position_mode)
+            self.session.add_vit_image(patchify(pixels, p).to(model.dtype), pos)
+        return img.size
+
+    def reply_stream(
+        self, params: TextSampling | None = None, generator: torch.Generator | None = None, remember: bool = True
+    ) -> Iterator[str]:
+        """Decode the model's answer as text pieces; with ``remember`` the answer joins the context."""
+        params = params or self.pipe._text_sampling(None, False, None, None)
+        ids: list[int] = []
+
+        def tokens() -> Iterator[int]:
+            with torch.inference_mode():
+                for token in decode_tokens(self.pipe.model, self.session.full.fork(), self.session.special, params, generator):
+                    ids.append(token)
+                    yield token
+
+        yield from self.pipe.tokenizer.stream(tokens())
+        if remember:
+            with torch.inference_mode():
+                self.session.add_text(ids, user=False)
+
+    def reply(self, params: TextSampling | None = None, generator: torch.Generator | None = None) -> str:
+        """The model's answer (kept in the conversation)."""
+        return "".join(self.reply_stream(params, generator)).strip()
+
+    @torch.inference_mode()
+    def generate_image(
+        self,
+        settings: ImageSettings | None = None,
+        *,
+        think: bool = False,
+        max_think_tokens: int | None = None,
+        progress: bool = False,
+    ) -> ImageResult:
+        """Generate an image from the conversation so far and feed it back into it."""
+        pipe = self.pipe
+        s = settings or pipe.image_settings(pipe.config.t2i, None, None, None, None)
+        reasoning = None
+        if think:
+            params = pipe._text_sampling(max_think_tokens or pipe.config.text.max_think_tokens, False, None, None)
+            ids = list(decode_tokens(pipe.model, self.session.full.fork(), self.session.special, params))
+            text = pipe.tokenizer.decode(ids)
+            self.session.add_text(ids, user=False, image_free=False)
+            reasoning = split_reasoning(text)[0] or text.strip()
+        latents = generate_latents(pipe.model, self.session, s.height, s.width, s.sampling, s.generator, progress=progress)
+        p, down = pipe.config.latent_patch_size, pipe.config.latent_downsample
+        latent = unpatchify(latents, s.height // down, s.width // down, p)[None]
+        image = to_pil(pipe.vae.decode(latent)[0])
+        self.add_image(image)
+        return ImageResult([image], reasoning)

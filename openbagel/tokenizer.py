@@ -1,0 +1,86 @@
+"""The text tokenizer (a ``transformers`` tokenizer read offline from the
+checkpoint folder) and the special ids the contexts need (spec section 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from openbagel.errors import CheckpointError
+from openbagel.packing import SpecialIds
+
+#: Special tokens BAGEL needs, added to the tokenizer if missing.
+SPECIAL_TOKENS = {
+    "bos": "<|im_start|>",
+    "eos": "<|im_end|>",
+    "start_of_image": "<|vision_start|>",
+    "end_of_image": "<|vision_end|>",
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class Tokenizer:
+    """Text <-> token ids, plus BAGEL's special ids by name.
+
+    Build with :meth:`from_folder`. ``encode`` adds no special tokens: the
+    contexts wrap every text segment as ``[BOS] text [EOS]`` themselves.
+    """
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        missing = [tok for tok in SPECIAL_TOKENS.values() if tok not in self.hf.get_vocab()]
+        if missing:
+            self.hf.add_tokens(missing, special_tokens=True)
+        vocab = self.hf.get_vocab()
+        self.ids = {name: vocab[tok] for name, tok in SPECIAL_TOKENS.items()}
+        self.special = SpecialIds(**self.ids)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        """Load the tokenizer files of a checkpoint folder (never the network).
+
+        Raises:
+            CheckpointError: no tokenizer files, or files ``transformers`` cannot read.
+        """
+        folder = Path(folder)
+        if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+            raise CheckpointError(
+                f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+                "copy the Qwen2 tokenizer files of the BAGEL release into the folder"
+            )
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # transformers raises many types for bad files
+            raise CheckpointError(f"{folder}: cannot read the tokenizer files ({e.__class__.__name__}: {e})") from None
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special tokens are kept as text."""
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Decode a stream of ids into text pieces, holding back incomplete characters."""
+        buffer: list[int] = []
+        emitted = ""
+        for token in ids:
+            buffer.append(token)
+            text = self.decode(buffer)
+            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+        text = self.decode(buffer)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]

@@ -1,0 +1,124 @@
+"""Loading a checkpoint folder: strictness and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from openbagel import BagelPipeline, CheckpointError, config_from_checkpoint, preset
+from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir
+
+
+@pytest.fixture()
+def ckpt(tmp_path, tiny_dir):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json"])
+def test_missing_file_is_named(ckpt, name):
+    (ckpt / name).unlink()
+    with pytest.raises(CheckpointError, match=f"missing {name}"):
+        BagelPipeline.from_pretrained(ckpt)
+
+
+def test_missing_tokenizer(ckpt):
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        BagelPipeline.from_pretrained(ckpt)
+
+
+def test_truncated_safetensors(ckpt):
+    data = (ckpt / "ema.safetensors").read_bytes()
+    (ckpt / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="ema.safetensors: not a readable safetensors file"):
+        load_model(ckpt)
+
+
+def test_not_safetensors(ckpt):
+    (ckpt / "ae.safetensors").write_text("this is not a safetensors file")
+    with pytest.raises(CheckpointError, match="ae.safetensors: not a readable safetensors file"):
+        load_vae(ckpt)
+
+
+def test_malformed_json(ckpt):
+    (ckpt / "llm_config.json").write_text("{nope")
+    with pytest.raises(CheckpointError, match="llm_config.json: not valid JSON"):
+        config_from_checkpoint(ckpt)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint_dir(tmp_path / "nope")
+
+
+def test_wrong_tensor_names_the_key_and_file(ckpt):
+    sd = load_file(ckpt / "ema.safetensors")
+    sd["connector.fc1.weight"] = sd["connector.fc1.weight"][:, :5].contiguous()
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: tensor 'connector.fc1.weight' has shape \[64, 5\]"):
+        load_model(ckpt)
+
+
+def test_vae_unexpected_key(ckpt):
+    sd = load_file(ckpt / "ae.safetensors")
+    sd["encoder.extra.weight"] = torch.zeros(3)
+    save_file(sd, ckpt / "ae.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor 'encoder.extra.weight'"):
+        load_vae(ckpt)
+
+
+def test_position_tables_optional_and_checked(ckpt):
+    sd = load_file(ckpt / "ema.safetensors")
+    ref = load_model(ckpt)
+    # absent: rebuilt identically
+    save_file({k: v for k, v in sd.items() if not k.endswith("pos_embed.pos_embed")}, ckpt / "ema.safetensors")
+    m = load_model(ckpt)
+    assert torch.equal(m.latent_pos_embed.pos_embed, ref.latent_pos_embed.pos_embed)
+    assert torch.equal(m.latent_pos_embed.pos_embed, sd["latent_pos_embed.pos_embed"])
+    # present but different: refused
+    sd["vit_pos_embed.pos_embed"] = sd["vit_pos_embed.pos_embed"] + 0.5
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="vit_pos_embed.pos_embed"):
+        load_model(ckpt)
+
+
+def test_bfloat16_load(tiny_dir):
+    m = load_model(tiny_dir, dtype=torch.bfloat16)
+    assert m.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert not any(p.is_meta for p in m.parameters())
+    assert not any(b.is_meta for b in m.buffers())
+
+
+def test_hf_cache_snapshot(tmp_path, tiny_dir):
+    repo = tmp_path / "models--ByteDance-Seed--BAGEL-7B-MoT"
+    snap = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123\n")
+    assert resolve_checkpoint_dir(repo) == snap
+    assert resolve_checkpoint_dir(snap) == snap
+
+
+def test_config_quirks(tmp_path, tiny_dir):
+    cfg = config_from_checkpoint(tiny_dir)
+    assert cfg == preset("tiny-golden")
+    vit = json.loads((tiny_dir / "vit_config.json").read_text())
+    assert cfg.vit.num_layers == vit["num_hidden_layers"] - 1  # last layer dropped
+    # without any extra file the published 7B-MoT settings apply
+    for f in ("llm_config.json", "vit_config.json"):
+        shutil.copy(tiny_dir / f, tmp_path / f)
+    plain = config_from_checkpoint(tmp_path)
+    published = preset("7b-mot")
+    assert plain.vae == published.vae
+    assert (plain.max_latent_size, plain.latent_patch_size, plain.vit_max_num_patch_per_side) == (64, 2, 70)
+    assert plain.vae_transform == published.vae_transform and plain.t2i == published.t2i
+    # the golden extra file sets the VAE but keeps the published task defaults
+    shutil.copy(tiny_dir / "tiny_extra.json", tmp_path / "tiny_extra.json")
+    golden = config_from_checkpoint(tmp_path)
+    assert golden.vae == preset("tiny-golden").vae and golden.t2i == published.t2i

@@ -1,0 +1,157 @@
+"""The public API on the tiny checkpoint: recipes, contexts and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from openbagel import InvalidInputError
+from openbagel.inference.generate import generate_latents
+from openbagel.inference.sampling import ImageSampling
+from openbagel.inference.session import Session
+from openbagel.pipeline import split_reasoning
+
+FAST = dict(num_timesteps=3)
+
+
+def _px(result):
+    return np.asarray(result.image)
+
+
+def test_text_to_image_is_seeded(pipe):
+    a = pipe.text_to_image("a red cube", seed=1, **FAST)
+    b = pipe.text_to_image("a red cube", seed=1, **FAST)
+    c = pipe.text_to_image("a red cube", seed=2, **FAST)
+    assert a.image.size == (64, 64)  # the tiny model's default size
+    assert np.array_equal(_px(a), _px(b)) and not np.array_equal(_px(a), _px(c))
+    g = pipe.text_to_image("a red cube", generator=torch.Generator().manual_seed(1), **FAST)
+    assert np.array_equal(_px(a), _px(g))
+
+
+def test_size_must_be_multiple_of_16(pipe):
+    with pytest.raises(InvalidInputError, match="width 70 is not a multiple of 16; the nearest valid width is 64"):
+        pipe.text_to_image("x", height=64, width=70)
+
+
+def test_size_limit_refused_before_compute(pipe, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(pipe.model, "forward", boom)
+    with pytest.raises(InvalidInputError, match="exceeds this model's limit of 1024 pixels"):
+        pipe.text_to_image("x", height=1040, width=64)
+
+
+def test_num_timesteps_below_two(pipe):
+    with pytest.raises(InvalidInputError, match="num_timesteps must be at least 2"):
+        pipe.text_to_image("x", num_timesteps=1)
+
+
+def test_guidance_below_one_is_off(pipe):
+    off = pipe.text_to_image("a red cube", seed=3, guidance_scale=1.0, image_guidance_scale=1.0, **FAST)
+    below = pipe.text_to_image("a red cube", seed=3, guidance_scale=0.5, image_guidance_scale=0.0, **FAST)
+    on = pipe.text_to_image("a red cube", seed=3, guidance_scale=4.0, **FAST)
+    assert np.array_equal(_px(off), _px(below)) and not np.array_equal(_px(off), _px(on))
+
+
+def test_empty_prompt_is_unconditional(pipe):
+    assert pipe.text_to_image("", seed=0, **FAST).image.size == (64, 64)
+
+
+def test_edit_needs_an_image(pipe):
+    with pytest.raises(InvalidInputError, match="edit needs an input image"):
+        pipe.edit(None, "make it blue")
+
+
+def test_edit_output_size_and_odd_inputs(pipe, tmp_path):
+    # 64x48 -> VAE resize (256, 64, 16) -> 80x64, as golden case 4
+    for mode, color in (("RGB", (10, 200, 30)), ("RGBA", (10, 200, 30, 128)), ("CMYK", (0, 50, 200, 0)), ("L", 90)):
+        out = pipe.edit(Image.new(mode, (64, 48), color), "make it blue", seed=0, **FAST)
+        assert out.image.size == (80, 64), mode
+    sixteen = tmp_path / "deep.png"
+    Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)).save(sixteen)
+    assert pipe.edit(sixteen, "x", seed=0, **FAST).image.size == (80, 64)
+    both = pipe.edit(Image.new("RGB", (64, 64)), "combine", images=[Image.new("RGB", (64, 48))], seed=0, **FAST)
+    assert both.image.size == (64, 64)
+
+
+def test_understand_rejects_non_image(pipe, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    with pytest.raises(InvalidInputError, match="not an image file"):
+        pipe.understand(f, "what is it?")
+
+
+def test_understand_greedy_matches_stream(pipe):
+    img = Image.new("RGB", (64, 48), (200, 10, 10))
+    a = pipe.understand(img, "What is in this image?", max_new_tokens=6)
+    b = "".join(pipe.understand_stream(img, "What is in this image?", max_new_tokens=6))
+    assert a.text == b.strip() and a.reasoning is None
+
+
+def test_split_reasoning():
+    assert split_reasoning("<think> plan it </think> the answer ") == ("plan it", "the answer")
+    assert split_reasoning("no tags here") == (None, "no tags here")
+
+
+def test_think_adds_reasoning_to_full_context_only(pipe):
+    chat = pipe.chat("system prompt")
+    chat.add_text("a cube")
+    before_full = chat.session.full.cache.length
+    result = chat.generate_image(pipe.image_settings(pipe.config.t2i, num_timesteps=2), think=True, max_think_tokens=5)
+    assert isinstance(result.reasoning, str)
+    assert chat.session.image_free.cache.length == before_full  # no reasoning, no image
+    assert chat.session.full.cache.length > before_full + 5
+
+
+def _session(pipe):
+    return Session(pipe.model, pipe.tokenizer.special)
+
+
+def test_context_conventions(pipe):
+    s = _session(pipe)
+    s.add_text([1, 2])  # user text: [BOS] 1 2 [EOS]
+    assert (s.full.cache.length, s.full.rope, s.image_free_is_full) == (4, 4, True)
+    assert s.text_free().cache.length == 0
+    patches = torch.zeros(4, 588)
+    s.add_vit_image(patches, torch.arange(4))  # full only; rope +1
+    assert (s.full.cache.length, s.full.rope) == (10, 5)
+    assert (s.image_free.cache.length, s.image_free.rope) == (4, 4)
+    assert (s.text_free().cache.length, s.text_free().rope) == (10, 5)  # refreshed by the image
+    s.add_text([3])  # user text
+    s.add_text([4, 5], user=False)  # answer: full and image-free
+    s.add_text([6], user=False, image_free=False)  # reasoning: full only
+    assert (s.full.cache.length, s.image_free.cache.length) == (10 + 3 + 4 + 3, 4 + 3 + 4)
+    tf = s.text_free()
+    assert (tf.cache.length, tf.rope) == (10, 5)  # before the last user text
+    torch.testing.assert_close(tf.cache.keys(1), s.full.cache.keys(1)[:10])
+
+
+def test_image_free_shortcut_equals_separate_context(pipe):
+    """While image-free == full, v_i is taken from v; a real separate copy gives the same latents."""
+    params = ImageSampling(num_timesteps=3, guidance_scale=4.0, image_guidance_scale=1.5)
+    s = _session(pipe)
+    s.add_text([10, 20, 30])
+    noise = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    shortcut = generate_latents(pipe.model, s, 64, 64, params, noise=noise)
+    s._image_free = s.full.fork()  # same content, computed as its own branch
+    assert not s.image_free_is_full
+    separate = generate_latents(pipe.model, s, 64, 64, params, noise=noise)
+    torch.testing.assert_close(shortcut, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_chat_images_in_and_out(pipe):
+    chat = pipe.chat()
+    chat.add_text("draw a cube")
+    img = chat.generate_image(pipe.image_settings(pipe.config.t2i, num_timesteps=2, seed=0)).image
+    n = chat.session.full.cache.length
+    chat.add_text("describe it")
+    answer = chat.reply()
+    assert isinstance(answer, str)
+    assert chat.session.full.cache.length > n
+    assert img.size == (64, 64)
+    # [BOS] text [EOS], then the generated image fed back through both paths:
+    # 4x4 latent tokens + 2 markers, and 5x5 ViT patches (64 px -> 70 px at stride 14) + 2 markers
+    assert n == 2 + len("draw a cube") + 16 + 2 + 25 + 2
