@@ -172,11 +172,14 @@ class GoldenRunner:
 
     def _flow(self, case: dict, data: dict, session: Session, c: _Checker) -> None:
         hyper = case["hyper"]
+        text_scale, image_scale = float(hyper["cfg_text_scale"]), float(hyper["cfg_img_scale"])
+        if text_scale <= 1.0:
+            image_scale = 1.0  # the reference runs no guidance at all then (spec 6.4); we differ on purpose
         params = ImageSampling(
             num_timesteps=int(hyper["num_timesteps"]),
             timestep_shift=float(hyper["timestep_shift"]),
-            guidance_scale=float(hyper["cfg_text_scale"]),
-            image_guidance_scale=float(hyper["cfg_img_scale"]),
+            guidance_scale=text_scale,
+            image_guidance_scale=image_scale,
             cfg_interval=tuple(hyper["cfg_interval"]),
             cfg_renorm_type=hyper["cfg_renorm_type"],
             cfg_renorm_min=float(hyper["cfg_renorm_min"]),
@@ -189,6 +192,10 @@ class GoldenRunner:
             self.model, session, lh * down, lw * down, params, noise=data["init_noise"], on_step=steps.append
         )
         c.tensor("timesteps", torch.tensor([s.t for s in steps]), data["timesteps"])
+        if "steps" in case:  # which steps ran guidance
+            ours = [s.v_text_free is not None or s.v_image_free is not None for s in steps]
+            ref = [st["cfg_text_scale"] > 1.0 or st["cfg_img_scale"] > 1.0 for st in case["steps"]]
+            c.equal("guidance active per step", ours, ref)
         c.tensor("x_t", torch.stack([s.x for s in steps]), data["x_t"])
         c.tensor("velocities", torch.stack([s.v for s in steps]), data["velocities"])
         c.tensor("first_step_velocity", steps[0].v, data["first_step_velocity"], bf16_rel=BF16_VELOCITY_REL)

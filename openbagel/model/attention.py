@@ -79,7 +79,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
         ``[Lq, H, D]``.
     """
     lq, lk = q.shape[0], k.shape[0]
-    if _BACKEND == "flash" and q.is_cuda and mask.kind != "dense" and q.dtype in (torch.float16, torch.bfloat16):
+    # flash-attn takes 16-bit floats only
+    if _BACKEND == "flash" and q.is_cuda and mask.kind != "dense" and q.is_floating_point() and q.element_size() == 2:
         return _flash(q, k, v, causal=mask.kind == "causal")
     attn_mask = None
     is_causal = False
