@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from PIL import Image
 
-from openbagel.errors import OpenBagelError
+from openbagel.errors import InvalidInputError, OpenBagelError
 
 app = typer.Typer(
     help="Run BAGEL, the unified multimodal model: text-to-image, image editing, image understanding and chat.",
@@ -26,20 +26,22 @@ ModelOpt = typer.Option(..., "--model", "-m", help="Checkpoint folder (llm_confi
 DeviceOpt = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("float32", "--dtype", help="Weights and activations: float32 or bfloat16.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
-StepsOpt = typer.Option(None, "--steps", help="Schedule points from noise to image; the model runs STEPS-1 times (default: the model's, 50 for 7B-MoT).")
-CfgTextOpt = typer.Option(None, "--guidance-scale", "--cfg-text", help="Text guidance scale; <= 1 turns it off (default 4.0).")
-CfgImgOpt = typer.Option(None, "--image-guidance-scale", "--cfg-img", help="Image guidance scale; <= 1 turns it off (default 1.5 text-to-image, 2.0 edit).")
-SizeOpt = typer.Option(None, "--size", help="Output size WxH in pixels, multiples of 16 (default: the model's; edit: the input's).")
-ShiftOpt = typer.Option(None, "--shift", help="Timestep shift of the schedule (default 3.0).")
-IntervalOpt = typer.Option(None, "--cfg-interval", help="Guidance applies while LO < t <= HI, as LO,HI (default 0.4,1.0 text-to-image; 0,1 edit).")
-RenormOpt = typer.Option(None, "--renorm", help="Guidance renormalisation: global, channel or text_channel.")
-RenormMinOpt = typer.Option(None, "--renorm-min", help="Lower clamp of the renorm factor (default 0).")
+# Defaults of sampling options come from the checkpoint's config; the values
+# quoted are those of BAGEL-7B-MoT.
+StepsOpt = typer.Option(None, "--steps", help="Schedule points from noise to image; the model runs STEPS-1 times (default: the model's; 50 for 7B-MoT).")
+CfgTextOpt = typer.Option(None, "--guidance-scale", "--cfg-text", help="Text guidance scale; <= 1 turns it off (default: the model's; 4.0 for 7B-MoT).")
+CfgImgOpt = typer.Option(None, "--image-guidance-scale", "--cfg-img", help="Image guidance scale; <= 1 turns it off (default: the model's; 7B-MoT: 1.5 generate, 2.0 edit).")
+SizeOpt = typer.Option(None, "--size", help="Output size WxH in pixels, multiples of 16 (default: the model's, 1024x1024 for 7B-MoT; edit: the input's).")
+ShiftOpt = typer.Option(None, "--shift", help="Timestep shift of the schedule (default: the model's; 3.0 for 7B-MoT).")
+IntervalOpt = typer.Option(None, "--cfg-interval", help="Guidance applies while LO < t <= HI, as LO,HI (default: the model's; 7B-MoT: 0.4,1.0 generate, 0,1 edit).")
+RenormOpt = typer.Option(None, "--renorm", help="Guidance renormalisation: global, channel or text_channel (default: the model's; 7B-MoT: global generate, text_channel edit).")
+RenormMinOpt = typer.Option(None, "--renorm-min", help="Lower clamp of the renorm factor, 0..1 (default 0).")
 ThinkOpt = typer.Option(False, "--think", help="Let the model reason (plan) in text first; the reasoning is printed.")
 OutOpt = typer.Option(..., "--output", "-o", help="Output image file (.png, .jpg, .webp ...).")
-MaxTokOpt = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default 512; 1024 with --think).")
+MaxTokOpt = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default: the model's; 7B-MoT: 512, 1024 with --think).")
 SampleOpt = typer.Option(False, "--do-sample", help="Sample tokens instead of greedy decoding.")
-TempOpt = typer.Option(None, "--temperature", help="Sampling temperature with --do-sample (default 0.3).")
-TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample (default 1.0).")
+TempOpt = typer.Option(None, "--temperature", help="Sampling temperature with --do-sample (default: the model's; 0.3 for 7B-MoT).")
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample, in (0, 1] (default 1.0).")
 
 
 def _fail(message: str) -> None:
@@ -67,20 +69,36 @@ def _parse_interval(value: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _check_output(path: Path) -> None:
-    """Refuse an output path we could not write, before any compute."""
+def check_output(path: Path) -> None:
+    """Refuse an output path we could not write, before any compute.
+
+    Raises:
+        InvalidInputError: unknown image extension, a missing folder, or a folder in the way.
+    """
     ext = path.suffix.lower()
-    if ext not in Image.registered_extensions():
-        _fail(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
-    parent = path.parent if str(path.parent) else Path(".")
+    if ext not in Image.registered_extensions() or Image.registered_extensions()[ext] not in Image.SAVE:
+        raise InvalidInputError(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
+    if path.is_dir():
+        raise InvalidInputError(f"output path {str(path)!r} is a folder; give a file name")
+    parent = path.parent
     if not parent.is_dir():
-        _fail(f"output folder {str(parent)!r} does not exist")
+        raise InvalidInputError(f"output folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"output folder {str(parent)!r} is not writable")
 
 
-def _save(image: Image.Image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename,
+    so a failed write leaves no half-written file.
+
+    Raises:
+        InvalidInputError: the file cannot be written.
+    """
     fmt = Image.registered_extensions()[path.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {str(path)!r}: {e.strerror}") from None
     os.close(fd)
     try:
         image.save(tmp, format=fmt)
@@ -88,9 +106,19 @@ def _save(image: Image.Image, path: Path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise InvalidInputError(f"cannot write {str(path)!r}: {e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_result(result, output: Path) -> None:
+    if result.reasoning is not None:
+        typer.echo(f"reasoning: {result.reasoning}")
+    save_image(result.image, output)
+    typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
 
 
 def _load(model: str, device: str, dtype: str):
@@ -134,19 +162,16 @@ def generate(
     """Generate an image from a text prompt."""
     height, width = _parse_size(size)
     interval = _parse_interval(cfg_interval)
-    _check_output(output)
 
     def body():
+        check_output(output)
         pipe = _load(model, device, dtype)
         result = pipe.text_to_image(
             prompt, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
             image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
             cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, seed=seed, think=think, progress=True,
         )  # fmt: skip
-        if result.reasoning is not None:
-            typer.echo(f"reasoning: {result.reasoning}")
-        _save(result.image, output)
-        typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
+        _write_result(result, output)
 
     _run(body)
 
@@ -173,11 +198,11 @@ def edit(
     """Edit or restyle an image following an instruction."""
     height, width = _parse_size(size)
     interval = _parse_interval(cfg_interval)
-    _check_output(output)
 
     def body():
         from openbagel.images import load_image
 
+        check_output(output)
         source = load_image(image)  # fail on a bad image before loading the model
         pipe = _load(model, device, dtype)
         result = pipe.edit(
@@ -185,10 +210,7 @@ def edit(
             image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
             cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, seed=seed, think=think, progress=True,
         )  # fmt: skip
-        if result.reasoning is not None:
-            typer.echo(f"reasoning: {result.reasoning}")
-        _save(result.image, output)
-        typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
+        _write_result(result, output)
 
     _run(body)
 
@@ -207,18 +229,21 @@ def understand(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
-    """Answer a question about an image; the answer streams to stdout."""
+    """Answer a question about an image; the answer streams to stdout (with --think, reasoning then answer)."""
 
     def body():
         from openbagel.images import load_image
 
         source = load_image(image)
         pipe = _load(model, device, dtype)
-        stream = pipe.understand_stream(
-            source, question, think=think, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, seed=seed,
-        )  # fmt: skip
-        for piece in stream:
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        if think:
+            result = pipe.understand(source, question, think=True, **kwargs)
+            if result.reasoning is not None:
+                typer.echo(f"reasoning: {result.reasoning}")
+            typer.echo(result.text)
+            return
+        for piece in pipe.understand_stream(source, question, **kwargs):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -228,11 +253,20 @@ def understand(
 
 CHAT_HELP = """commands:
   /image PATH        add an image to the conversation
-  /generate [-o F]   generate an image from the conversation (saved to F, default chat_N.png)
+  /generate [FILE]   generate an image from the conversation (default file chat_N.png)
   /reset             start a new conversation
   /help              this help
   /quit              leave (Ctrl-D works too)
 anything else is your message; the model answers it."""
+
+
+def _generate_target(line: str, count: int) -> Path:
+    args = line.split()[1:]
+    if args and args[0] == "-o":
+        args = args[1:]
+    if len(args) > 1:
+        raise InvalidInputError("usage: /generate [FILE]")
+    return Path(args[0]) if args else Path(f"chat_{count}.png")
 
 
 @app.command()
@@ -245,7 +279,9 @@ def chat(
     top_p: Optional[float] = TopPOpt,
     seed: Optional[int] = SeedOpt,
     steps: Optional[int] = StepsOpt,
-    size: Optional[str] = SizeOpt,
+    guidance_scale: Optional[float] = CfgTextOpt,
+    image_guidance_scale: Optional[float] = CfgImgOpt,
+    size: Optional[str] = typer.Option(None, "--size", help="Size WxH of generated images, multiples of 16 (default: the model's)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -255,17 +291,15 @@ def chat(
     def body():
         import torch
 
-        from openbagel.inference.sampling import TextSampling
         from openbagel.pipeline import THINK_UNDERSTAND_PROMPT
 
         pipe = _load(model, device, dtype)
-        t = pipe.config.text
-        params = TextSampling(
-            max_new_tokens=max_new_tokens or (t.max_think_tokens if think else t.max_new_tokens),
-            do_sample=do_sample,
-            temperature=t.temperature if temperature is None else temperature,
-            top_p=t.top_p if top_p is None else top_p,
-        )
+        params = pipe.text_sampling(max_new_tokens, do_sample, temperature, top_p, think=think)
+        # image settings are checked now, not at the first /generate
+        image_settings = pipe.image_settings(
+            pipe.config.t2i, height, width, seed, None,
+            num_timesteps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+        )  # fmt: skip
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
         typer.echo("openbagel chat; /help for commands", err=True)
@@ -286,20 +320,18 @@ def chat(
                 elif line == "/reset":
                     conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
                     typer.echo("(new conversation)")
-                elif line.startswith("/image"):
+                elif line.split()[0] == "/image":
                     path = line[len("/image") :].strip()
                     if not path:
-                        typer.echo("usage: /image PATH")
-                        continue
+                        raise InvalidInputError("usage: /image PATH")
                     w, h = conv.add_image(path)
                     typer.echo(f"(image added, {w}x{h})")
-                elif line.startswith("/generate"):
-                    args = line.split()
-                    out = Path(args[2]) if len(args) == 3 and args[1] == "-o" else Path(f"chat_{count}.png")
+                elif line.split()[0] == "/generate":
+                    out = _generate_target(line, count + 1)
+                    check_output(out)
+                    result = conv.generate_image(image_settings, progress=True)
                     count += 1
-                    settings = pipe.image_settings(pipe.config.t2i, height, width, seed, None, num_timesteps=steps)
-                    result = conv.generate_image(settings, progress=True)
-                    _save(result.image, out)
+                    save_image(result.image, out)
                     typer.echo(f"(image written to {out})")
                 elif line.startswith("/"):
                     typer.echo(f"unknown command {line.split()[0]}; /help lists them")

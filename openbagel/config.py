@@ -12,11 +12,12 @@ token; *max latent size* -- side of the latent-token position grid (64 for
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from openbagel.errors import CheckpointError
+from openbagel.errors import CheckpointError, InvalidInputError
 
 RenormType = Literal["global", "channel", "text_channel"]
 
@@ -98,16 +99,27 @@ class ImageTransformConfig:
     max_pixels: int = 14 * 14 * 9 * 1024
 
 
-@dataclass(frozen=True)
-class ImageTaskDefaults:
-    """Default sampling settings of one image task (text-to-image or editing).
+RENORM_TYPES = ("global", "channel", "text_channel")
 
-    ``width``/``height`` of 0 mean "the input image's (resized) size".
-    ``num_timesteps`` counts schedule points: the model runs ``num_timesteps - 1`` times.
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """Image generation settings (spec section 6).
+
+    Attributes:
+        num_timesteps: points of the schedule from t=1 to t=0; the model runs
+            ``num_timesteps - 1`` times (BAGEL's meaning). At least 2.
+        timestep_shift: schedule shift ``s`` in ``s*t / (1 + (s-1)*t)``.
+        guidance_scale: text guidance; <= 1 turns it off.
+        image_guidance_scale: image guidance; <= 1 turns it off.
+        cfg_interval: guidance applies while ``lo < t <= hi``.
+        cfg_renorm_type: ``global``, ``channel`` or ``text_channel``.
+        cfg_renorm_min: lower clamp of the renorm factor, in [0, 1] (0 = no floor).
+
+    Raises:
+        InvalidInputError: a value outside its range, or not a finite number.
     """
 
-    width: int
-    height: int
     num_timesteps: int = 50
     timestep_shift: float = 3.0
     guidance_scale: float = 4.0
@@ -115,6 +127,36 @@ class ImageTaskDefaults:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: RenormType = "global"
     cfg_renorm_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("timestep_shift", "guidance_scale", "image_guidance_scale", "cfg_renorm_min"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidInputError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.num_timesteps < 2:
+            raise InvalidInputError(
+                f"num_timesteps must be at least 2 (it counts schedule points; the model runs num_timesteps - 1 times), got {self.num_timesteps}"
+            )
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise InvalidInputError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}")
+        if self.timestep_shift <= 0:
+            raise InvalidInputError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        if not 0 <= self.cfg_renorm_min <= 1:
+            raise InvalidInputError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
+        lo, hi = self.cfg_interval
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise InvalidInputError(f"cfg_interval must be (lo, hi) with lo <= hi, got {self.cfg_interval}")
+
+
+@dataclass(frozen=True)
+class ImageTaskDefaults:
+    """Default output size and sampling settings of one image task (text-to-image or editing).
+
+    ``width``/``height`` of 0 mean "the input image's (resized) size".
+    """
+
+    width: int
+    height: int
+    sampling: ImageSampling = ImageSampling()
 
 
 @dataclass(frozen=True)
@@ -145,9 +187,7 @@ class BagelConfig:
     edit: ImageTaskDefaults = ImageTaskDefaults(
         width=0,
         height=0,
-        image_guidance_scale=2.0,
-        cfg_interval=(0.0, 1.0),
-        cfg_renorm_type="text_channel",
+        sampling=ImageSampling(image_guidance_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"),
     )
     text: TextDefaults = TextDefaults()
 
@@ -197,14 +237,13 @@ PRESETS: dict[str, BagelConfig] = {
         vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1),
         vae_transform=ImageTransformConfig(256, 64, 16),
         vit_transform=ImageTransformConfig(224, 56, 14),
-        t2i=ImageTaskDefaults(width=64, height=64, num_timesteps=10),
+        t2i=ImageTaskDefaults(width=64, height=64, sampling=ImageSampling(num_timesteps=10)),
         edit=ImageTaskDefaults(
             width=0,
             height=0,
-            num_timesteps=10,
-            image_guidance_scale=2.0,
-            cfg_interval=(0.0, 1.0),
-            cfg_renorm_type="text_channel",
+            sampling=ImageSampling(
+                num_timesteps=10, image_guidance_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"
+            ),
         ),
         text=TextDefaults(max_new_tokens=32, max_think_tokens=64),
     ),
@@ -247,8 +286,11 @@ def _image_transform(d: dict[str, Any]) -> ImageTransformConfig:
 
 def _task_defaults(base: ImageTaskDefaults, d: dict[str, Any]) -> ImageTaskDefaults:
     d = dict(d)
-    if "cfg_interval" in d:
-        d["cfg_interval"] = tuple(float(x) for x in d["cfg_interval"])
+    if "sampling" in d:
+        sampling = dict(d["sampling"])
+        if "cfg_interval" in sampling:
+            sampling["cfg_interval"] = tuple(float(x) for x in sampling["cfg_interval"])
+        d["sampling"] = replace(base.sampling, **sampling)
     return replace(base, **d)
 
 

@@ -12,7 +12,7 @@ guidance contexts) and runs the text decoder or the image sampler on it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -188,24 +188,49 @@ class BagelPipeline:
                 nearest = min(limit, max(step, round(v / step) * step))
                 raise InvalidInputError(f"{name} {v} is not a multiple of {step}; the nearest valid {name} is {nearest}")
 
-    def image_settings(self, defaults: ImageTaskDefaults, height=None, width=None, seed=None, generator=None, **sampling) -> "ImageSettings":
+    def image_settings(
+        self,
+        defaults: ImageTaskDefaults,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        **sampling,
+    ) -> "ImageSettings":
         """Resolve per-call image settings against a task's defaults (``config.t2i`` or ``config.edit``).
 
-        ``None`` means "the default". Raises :class:`InvalidInputError` for bad sizes or settings.
+        ``None`` means "the default". A default size of 0 (editing) means the
+        input image's size, filled in by the caller.
+
+        Raises:
+            InvalidInputError: bad size or sampling settings.
         """
-        params = ImageSampling.from_defaults(defaults, **sampling)
-        height = height or defaults.height
-        width = width or defaults.width
-        if height:
+        params = replace(defaults.sampling, **{k: v for k, v in sampling.items() if v is not None})
+        if (height is None) != (width is None) and not (defaults.height and defaults.width):
+            raise InvalidInputError("give both height and width, or neither (then the input image's size is used)")
+        height = defaults.height if height is None else height
+        width = defaults.width if width is None else width
+        if not (height == width == 0 and defaults.height == defaults.width == 0):
             self.check_size(height, width)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         return ImageSettings(height, width, params, generator)
 
-    def _text_sampling(self, max_new_tokens, do_sample, temperature, top_p) -> TextSampling:
+    def text_sampling(
+        self,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        think: bool = False,
+    ) -> TextSampling:
+        """Text decoding settings with the config's defaults for ``None``
+        (``max_think_tokens`` instead of ``max_new_tokens`` when thinking)."""
         t = self.config.text
+        if max_new_tokens is None:
+            max_new_tokens = t.max_think_tokens if think else t.max_new_tokens
         return TextSampling(
-            max_new_tokens=max_new_tokens or t.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=t.temperature if temperature is None else temperature,
             top_p=t.top_p if top_p is None else top_p,
@@ -352,7 +377,7 @@ class BagelPipeline:
         else:
             images = list(image)
         loaded = [load_image(i) for i in images]
-        params = self._text_sampling(max_new_tokens or (self.config.text.max_think_tokens if think else None), do_sample, temperature, top_p)
+        params = self.text_sampling(max_new_tokens, do_sample, temperature, top_p, think=think)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         chat = self.chat(THINK_UNDERSTAND_PROMPT if think else None)
         for img in loaded:
@@ -409,7 +434,7 @@ class Chat:
         self, params: TextSampling | None = None, generator: torch.Generator | None = None, remember: bool = True
     ) -> Iterator[str]:
         """Decode the model's answer as text pieces; with ``remember`` the answer joins the context."""
-        params = params or self.pipe._text_sampling(None, False, None, None)
+        params = params or self.pipe.text_sampling()
         ids: list[int] = []
 
         def tokens() -> Iterator[int]:
@@ -438,10 +463,10 @@ class Chat:
     ) -> ImageResult:
         """Generate an image from the conversation so far and feed it back into it."""
         pipe = self.pipe
-        s = settings or pipe.image_settings(pipe.config.t2i, None, None, None, None)
+        s = settings or pipe.image_settings(pipe.config.t2i)
         reasoning = None
         if think:
-            params = pipe._text_sampling(max_think_tokens or pipe.config.text.max_think_tokens, False, None, None)
+            params = pipe.text_sampling(max_think_tokens, think=True)
             ids = list(decode_tokens(pipe.model, self.session.full.fork(), self.session.special, params))
             text = pipe.tokenizer.decode(ids)
             self.session.add_text(ids, user=False, image_free=False)

@@ -66,8 +66,9 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special tokens are kept as text."""
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        """Text of ``ids``, without special tokens such as ``<|im_end|>``
+        (``<think>`` is plain text in Qwen2's vocabulary and stays)."""
+        return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Decode a stream of ids into text pieces, holding back incomplete characters."""

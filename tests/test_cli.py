@@ -74,6 +74,19 @@ def test_generate_bad_input(tmp_path, model_args, args, message):
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_output_path_is_a_folder(tmp_path, model_args):
+    (tmp_path / "d.png").mkdir()
+    r = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / "d.png"), *model_args])
+    assert r.exit_code == 2 and "is a folder" in r.output
+
+
+def test_understand_think(tmp_path, model_args):
+    img = tmp_path / "in.png"
+    Image.new("RGB", (64, 48)).save(img)
+    r = runner.invoke(app, ["understand", str(img), "why?", "--think", "--max-new-tokens", "4", *model_args])
+    assert r.exit_code == 0, r.output
+
+
 def test_output_path_checked_first(tmp_path, model_args):
     r = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / "o.xyz"), *model_args])
     assert r.exit_code == 2 and "cannot write images with extension '.xyz'" in r.output
@@ -96,7 +109,11 @@ def test_chat_session(tmp_path, model_args):
     img = tmp_path / "in.png"
     Image.new("RGB", (64, 48), (0, 0, 255)).save(img)
     gen = tmp_path / "gen.png"
-    script = f"hello\n/image {img}\n/image {tmp_path / 'missing.png'}\n/generate -o {gen}\n/bogus\ndescribe\n/quit\n"
+    gen2 = tmp_path / "gen2.png"
+    script = (
+        f"hello\n/image {img}\n/image {tmp_path / 'missing.png'}\n/generate -o {gen}\n/bogus\ndescribe\n"
+        f"/generate {tmp_path / 'bad.xyz'}\n/generate {tmp_path / 'nodir' / 'x.png'}\n/generate {gen2}\n/quit\n"
+    )
     r = runner.invoke(app, ["chat", "--max-new-tokens", "3", "--steps", "2", *model_args], input=script)
     assert r.exit_code == 0, r.output
     assert "(image added, 80x64)" in r.output
@@ -104,3 +121,11 @@ def test_chat_session(tmp_path, model_args):
     assert f"(image written to {gen})" in r.output and Image.open(gen).size == (64, 64)
     assert "unknown command /bogus" in r.output
     assert r.output.count("bagel> ") == 2
+    # a bad output path is refused before compute and the chat goes on
+    assert "cannot write images with extension '.xyz'" in r.output and "does not exist" in r.output
+    assert Image.open(gen2).size == (64, 64) and not (tmp_path / "bad.xyz").exists()
+
+
+def test_chat_bad_size_refused_at_start(model_args):
+    r = runner.invoke(app, ["chat", "--size", "70x64", *model_args], input="hello\n")
+    assert r.exit_code == 2 and "nearest valid width is 64" in r.output

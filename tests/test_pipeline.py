@@ -44,6 +44,15 @@ def test_size_limit_refused_before_compute(pipe, monkeypatch):
         pipe.text_to_image("x", height=1040, width=64)
 
 
+def test_zero_or_half_sizes(pipe):
+    with pytest.raises(InvalidInputError, match="height 0 is not a multiple of 16; the nearest valid height is 16"):
+        pipe.text_to_image("x", height=0)
+    with pytest.raises(InvalidInputError, match="give both height and width"):
+        pipe.edit(Image.new("RGB", (64, 64)), "x", height=64)
+    with pytest.raises(InvalidInputError, match="max_new_tokens must be at least 1"):
+        pipe.understand(None, "x", max_new_tokens=0)
+
+
 def test_num_timesteps_below_two(pipe):
     with pytest.raises(InvalidInputError, match="num_timesteps must be at least 2"):
         pipe.text_to_image("x", num_timesteps=1)

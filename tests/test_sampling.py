@@ -84,6 +84,14 @@ def test_image_sampling_validation():
         ImageSampling(cfg_renorm_type="bogus")
     with pytest.raises(InvalidInputError, match="cfg_interval"):
         ImageSampling(cfg_interval=(0.9, 0.1))
+    with pytest.raises(InvalidInputError, match="cfg_interval"):
+        ImageSampling(cfg_interval=(float("nan"), 1.0))
+    with pytest.raises(InvalidInputError, match="guidance_scale must be a finite number"):
+        ImageSampling(guidance_scale=float("nan"))
+    with pytest.raises(InvalidInputError, match="timestep_shift must be a finite number"):
+        ImageSampling(timestep_shift=float("inf"))
+    with pytest.raises(InvalidInputError, match=r"cfg_renorm_min must be in \[0, 1\]"):
+        ImageSampling(cfg_renorm_min=1.5)
 
 
 def test_sample_token():

@@ -3,15 +3,24 @@ classifier-free guidance with renormalisation (spec sections 5 and 6)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from openbagel.config import ImageTaskDefaults, RenormType
+from openbagel.config import ImageSampling, RenormType
 from openbagel.errors import InvalidInputError
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+__all__ = [
+    "ImageSampling",
+    "TextSampling",
+    "combine_guidance",
+    "euler_step",
+    "flow_schedule",
+    "guidance_active",
+    "sample_token",
+]
 
 
 @dataclass(frozen=True)
@@ -27,64 +36,14 @@ class TextSampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise InvalidInputError(f"temperature and top_p must be finite numbers, got {self.temperature}, {self.top_p}")
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
             raise InvalidInputError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy decoding")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(frozen=True)
-class ImageSampling:
-    """Image generation settings.
-
-    Attributes:
-        num_timesteps: points of the schedule from t=1 to t=0; the model runs
-            ``num_timesteps - 1`` times (BAGEL's meaning). At least 2.
-        timestep_shift: schedule shift ``s`` in ``s*t / (1 + (s-1)*t)``.
-        guidance_scale: text guidance; <= 1 turns it off.
-        image_guidance_scale: image guidance; <= 1 turns it off.
-        cfg_interval: guidance applies while ``lo < t <= hi``.
-        cfg_renorm_type: ``global``, ``channel`` or ``text_channel``.
-        cfg_renorm_min: lower clamp of the renorm factor (0 = no floor).
-    """
-
-    num_timesteps: int = 50
-    timestep_shift: float = 3.0
-    guidance_scale: float = 4.0
-    image_guidance_scale: float = 1.5
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: RenormType = "global"
-    cfg_renorm_min: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.num_timesteps < 2:
-            raise InvalidInputError(
-                f"num_timesteps must be at least 2 (it counts schedule points; the model runs num_timesteps - 1 times), got {self.num_timesteps}"
-            )
-        if self.cfg_renorm_type not in RENORM_TYPES:
-            raise InvalidInputError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}")
-        if self.timestep_shift <= 0:
-            raise InvalidInputError(f"timestep_shift must be > 0, got {self.timestep_shift}")
-        lo, hi = self.cfg_interval
-        if not lo <= hi:
-            raise InvalidInputError(f"cfg_interval must be (lo, hi) with lo <= hi, got {self.cfg_interval}")
-
-    @staticmethod
-    def from_defaults(d: ImageTaskDefaults, **overrides) -> "ImageSampling":
-        """Task defaults with the non-``None`` overrides applied."""
-        values = dict(
-            num_timesteps=d.num_timesteps,
-            timestep_shift=d.timestep_shift,
-            guidance_scale=d.guidance_scale,
-            image_guidance_scale=d.image_guidance_scale,
-            cfg_interval=tuple(d.cfg_interval),
-            cfg_renorm_type=d.cfg_renorm_type,
-            cfg_renorm_min=d.cfg_renorm_min,
-        )
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return ImageSampling(**values)
 
 
 # --- text --------------------------------------------------------------------------
