@@ -36,7 +36,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     """
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(p)!r} does not exist; pass --model DIR with a BAGEL checkpoint folder")
+        raise CheckpointError(
+            f"checkpoint folder {str(p)!r} does not exist; pass --model DIR with a BAGEL checkpoint folder"
+        )
     if (p / "snapshots").is_dir() and not (p / "llm_config.json").exists():
         ref = p / "refs" / "main"
         snaps = sorted((p / "snapshots").iterdir())
@@ -45,13 +47,17 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         elif len(snaps) == 1:
             p = snaps[0]
         else:
-            raise CheckpointError(f"{p}: a Hugging Face cache folder with {len(snaps)} snapshots and no refs/main; pass the snapshot folder itself")
+            raise CheckpointError(
+                f"{p}: a Hugging Face cache folder with {len(snaps)} snapshots and no refs/main; pass the snapshot folder itself"
+            )
     if not (p / "llm_config.json").exists():
         raise CheckpointError(f"{p}: missing llm_config.json; this is not a BAGEL checkpoint folder")
     return p
 
 
-def read_safetensors(file: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def read_safetensors(
+    file: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
     """All tensors of a safetensors file (converted to ``dtype`` if given).
 
     Raises:
@@ -68,7 +74,9 @@ def read_safetensors(file: Path, dtype: torch.dtype | None = None, device: torch
                 t = f.get_tensor(key)
                 out[key] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is truncated or corrupt, download it again") from None
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({e}); the file is truncated or corrupt, download it again"
+        ) from None
     return out
 
 
@@ -84,9 +92,13 @@ def check_tensors(
         if key not in found:
             if key in optional:
                 continue
-            raise CheckpointError(f"{file}: missing tensor {key!r} (shape {list(shape)}); the file does not fit this model's config")
+            raise CheckpointError(
+                f"{file}: missing tensor {key!r} (shape {list(shape)}); the file does not fit this model's config"
+            )
         if tuple(found[key]) != tuple(shape):
-            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(found[key])}, the model expects {list(shape)}")
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {list(found[key])}, the model expects {list(shape)}"
+            )
     for key in found:
         if key not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {key!r}; the file does not fit this model's config")
@@ -128,7 +140,9 @@ def load_model(
     model = build_model(config)
     file = folder / MODEL_FILE
     sd = read_safetensors(file, dtype=dtype, device=device)
-    check_tensors({k: tuple(v.shape) for k, v in sd.items()}, model_shapes(model, DERIVED_TENSORS), file, optional=DERIVED_TENSORS)
+    check_tensors(
+        {k: tuple(v.shape) for k, v in sd.items()}, model_shapes(model, DERIVED_TENSORS), file, optional=DERIVED_TENSORS
+    )
     stored_tables = {k: sd.pop(k) for k in DERIVED_TENSORS if k in sd}
     model.load_state_dict(sd, strict=True, assign=True)
     model.reset_position_tables()
@@ -136,7 +150,9 @@ def load_model(
         rebuilt = model.get_buffer(key)
         err = (stored.float() - rebuilt.float()).abs().max().item()
         if err > 1e-2:
-            raise CheckpointError(f"{file}: tensor {key!r} differs from the 2-D sin-cos table by {err:.3g}; this checkpoint uses another position table")
+            raise CheckpointError(
+                f"{file}: tensor {key!r} differs from the 2-D sin-cos table by {err:.3g}; this checkpoint uses another position table"
+            )
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
@@ -22,25 +23,61 @@ app = typer.Typer(
 
 # --- shared options ----------------------------------------------------------------
 
-ModelOpt = typer.Option(..., "--model", "-m", help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files).", envvar="OPENBAGEL_MODEL")
+ModelOpt = typer.Option(
+    ...,
+    "--model",
+    "-m",
+    help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files).",
+    envvar="OPENBAGEL_MODEL",
+)
 DeviceOpt = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("float32", "--dtype", help="Weights and activations: float32 or bfloat16.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
 # Defaults of sampling options come from the checkpoint's config; the values
 # quoted are those of BAGEL-7B-MoT.
-StepsOpt = typer.Option(None, "--steps", help="Schedule points from noise to image; the model runs STEPS-1 times (default: the model's; 50 for 7B-MoT).")
-CfgTextOpt = typer.Option(None, "--guidance-scale", "--cfg-text", help="Text guidance scale; <= 1 turns it off (default: the model's; 4.0 for 7B-MoT).")
-CfgImgOpt = typer.Option(None, "--image-guidance-scale", "--cfg-img", help="Image guidance scale; <= 1 turns it off (default: the model's; 7B-MoT: 1.5 generate, 2.0 edit).")
-SizeOpt = typer.Option(None, "--size", help="Output size WxH in pixels, multiples of 16 (default: the model's, 1024x1024 for 7B-MoT; edit: the input's).")
+StepsOpt = typer.Option(
+    None,
+    "--steps",
+    help="Schedule points from noise to image; the model runs STEPS-1 times (default: the model's; 50 for 7B-MoT).",
+)
+CfgTextOpt = typer.Option(
+    None,
+    "--guidance-scale",
+    "--cfg-text",
+    help="Text guidance scale; <= 1 turns it off (default: the model's; 4.0 for 7B-MoT).",
+)
+CfgImgOpt = typer.Option(
+    None,
+    "--image-guidance-scale",
+    "--cfg-img",
+    help="Image guidance scale; <= 1 turns it off (default: the model's; 7B-MoT: 1.5 generate, 2.0 edit).",
+)
+SizeOpt = typer.Option(
+    None,
+    "--size",
+    help="Output size WxH in pixels, multiples of 16 (default: the model's, 1024x1024 for 7B-MoT; edit: the input's).",
+)
 ShiftOpt = typer.Option(None, "--shift", help="Timestep shift of the schedule (default: the model's; 3.0 for 7B-MoT).")
-IntervalOpt = typer.Option(None, "--cfg-interval", help="Guidance applies while LO < t <= HI, as LO,HI (default: the model's; 7B-MoT: 0.4,1.0 generate, 0,1 edit).")
-RenormOpt = typer.Option(None, "--renorm", help="Guidance renormalisation: global, channel or text_channel (default: the model's; 7B-MoT: global generate, text_channel edit).")
+IntervalOpt = typer.Option(
+    None,
+    "--cfg-interval",
+    help="Guidance applies while LO < t <= HI, as LO,HI (default: the model's; 7B-MoT: 0.4,1.0 generate, 0,1 edit).",
+)
+RenormOpt = typer.Option(
+    None,
+    "--renorm",
+    help="Guidance renormalisation: global, channel or text_channel (default: the model's; 7B-MoT: global generate, text_channel edit).",
+)
 RenormMinOpt = typer.Option(None, "--renorm-min", help="Lower clamp of the renorm factor, 0..1 (default 0).")
 ThinkOpt = typer.Option(False, "--think", help="Let the model reason (plan) in text first; the reasoning is printed.")
 OutOpt = typer.Option(..., "--output", "-o", help="Output image file (.png, .jpg, .webp ...).")
-MaxTokOpt = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default: the model's; 7B-MoT: 512, 1024 with --think).")
+MaxTokOpt = typer.Option(
+    None, "--max-new-tokens", help="Most tokens to generate (default: the model's; 7B-MoT: 512, 1024 with --think)."
+)
 SampleOpt = typer.Option(False, "--do-sample", help="Sample tokens instead of greedy decoding.")
-TempOpt = typer.Option(None, "--temperature", help="Sampling temperature with --do-sample (default: the model's; 0.3 for 7B-MoT).")
+TempOpt = typer.Option(
+    None, "--temperature", help="Sampling temperature with --do-sample (default: the model's; 0.3 for 7B-MoT)."
+)
 TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample, in (0, 1] (default 1.0).")
 
 
@@ -69,6 +106,17 @@ def _parse_interval(value: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _can_write_rgb(fmt: str | None) -> bool:
+    """Whether Pillow can save an RGB image in format ``fmt`` (tried on a 1x1 image)."""
+    if fmt is None:
+        return False
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception:  # Pillow raises KeyError, OSError, ValueError... by format
+        return False
+    return True
+
+
 def check_output(path: Path) -> None:
     """Refuse an output path we could not write, before any compute.
 
@@ -76,7 +124,7 @@ def check_output(path: Path) -> None:
         InvalidInputError: unknown image extension, a missing folder, or a folder in the way.
     """
     ext = path.suffix.lower()
-    if ext not in Image.registered_extensions() or Image.registered_extensions()[ext] not in Image.SAVE:
+    if not _can_write_rgb(Image.registered_extensions().get(ext)):
         raise InvalidInputError(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
     if path.is_dir():
         raise InvalidInputError(f"output path {str(path)!r} is a folder; give a file name")
@@ -127,6 +175,18 @@ def _load(model: str, device: str, dtype: str):
     return BagelPipeline.from_pretrained(model, dtype=dtype, device=device)
 
 
+def _config(model: str, device: str, dtype: str):
+    """The checkpoint's config, with device and dtype checked: everything a
+    request can be validated against before the weights load."""
+    from openbagel.checkpoint import resolve_checkpoint_dir
+    from openbagel.config import config_from_checkpoint
+    from openbagel.pipeline import parse_device, parse_dtype
+
+    parse_dtype(dtype)
+    parse_device(device)
+    return config_from_checkpoint(resolve_checkpoint_dir(model))
+
+
 def _run(fn):
     """Run a command body, turning our errors into one clean line and exit code 2."""
     try:
@@ -135,7 +195,7 @@ def _run(fn):
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 # --- commands ----------------------------------------------------------------------
@@ -164,7 +224,15 @@ def generate(
     interval = _parse_interval(cfg_interval)
 
     def body():
+        from openbagel.pipeline import image_settings
+
         check_output(output)
+        config = _config(model, device, dtype)
+        image_settings(
+            config, config.t2i, height, width, seed, None, num_timesteps=steps, guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
+            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min,
+        )  # fmt: skip
         pipe = _load(model, device, dtype)
         result = pipe.text_to_image(
             prompt, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
@@ -179,7 +247,9 @@ def generate(
 @app.command()
 def edit(
     image: Path = typer.Argument(..., help="Input image file."),
-    instruction: str = typer.Argument(..., help="What to change, e.g. 'make the sky purple' or 'in the style of a watercolour'."),
+    instruction: str = typer.Argument(
+        ..., help="What to change, e.g. 'make the sky purple' or 'in the style of a watercolour'."
+    ),
     output: Path = OutOpt,
     model: str = ModelOpt,
     seed: Optional[int] = SeedOpt,
@@ -201,9 +271,16 @@ def edit(
 
     def body():
         from openbagel.images import load_image
+        from openbagel.pipeline import image_settings
 
         check_output(output)
-        source = load_image(image)  # fail on a bad image before loading the model
+        source = load_image(image)  # fail on a bad image or setting before loading the weights
+        config = _config(model, device, dtype)
+        image_settings(
+            config, config.edit, height, width, seed, None, num_timesteps=steps, guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
+            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min,
+        )  # fmt: skip
         pipe = _load(model, device, dtype)
         result = pipe.edit(
             source, instruction, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
@@ -233,10 +310,15 @@ def understand(
 
     def body():
         from openbagel.images import load_image
+        from openbagel.pipeline import make_generator, text_sampling
 
         source = load_image(image)
+        text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
+        make_generator(seed)
         pipe = _load(model, device, dtype)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed
+        )
         if think:
             result = pipe.understand(source, question, think=True, **kwargs)
             if result.reasoning is not None:
@@ -281,7 +363,9 @@ def chat(
     steps: Optional[int] = StepsOpt,
     guidance_scale: Optional[float] = CfgTextOpt,
     image_guidance_scale: Optional[float] = CfgImgOpt,
-    size: Optional[str] = typer.Option(None, "--size", help="Size WxH of generated images, multiples of 16 (default: the model's)."),
+    size: Optional[str] = typer.Option(
+        None, "--size", help="Size WxH of generated images, multiples of 16 (default: the model's)."
+    ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -289,18 +373,17 @@ def chat(
     height, width = _parse_size(size)
 
     def body():
-        import torch
+        from openbagel.pipeline import THINK_UNDERSTAND_PROMPT, image_settings, make_generator, text_sampling
 
-        from openbagel.pipeline import THINK_UNDERSTAND_PROMPT
-
-        pipe = _load(model, device, dtype)
-        params = pipe.text_sampling(max_new_tokens, do_sample, temperature, top_p, think=think)
-        # image settings are checked now, not at the first /generate
-        image_settings = pipe.image_settings(
-            pipe.config.t2i, height, width, seed, None,
+        # every setting is checked before the weights load, not at the first message
+        config = _config(model, device, dtype)
+        params = text_sampling(config, max_new_tokens, do_sample, temperature, top_p, think)
+        settings = image_settings(
+            config, config.t2i, height, width, seed, None,
             num_timesteps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
         )  # fmt: skip
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = make_generator(seed)
+        pipe = _load(model, device, dtype)
         conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
         typer.echo("openbagel chat; /help for commands", err=True)
         count = 0
@@ -329,7 +412,7 @@ def chat(
                 elif line.split()[0] == "/generate":
                     out = _generate_target(line, count + 1)
                     check_output(out)
-                    result = conv.generate_image(image_settings, progress=True)
+                    result = conv.generate_image(settings, progress=True)
                     count += 1
                     save_image(result.image, out)
                     typer.echo(f"(image written to {out})")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,14 @@ OPENBAGEL_EXTRA = "openbagel.json"
 GOLDEN_EXTRA = "tiny_extra.json"
 
 
+def _positive(obj: Any, *names: str) -> None:
+    """Raise ValueError unless each named field is a positive number (ints stay ints)."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     """Qwen2 decoder with MoT experts (``llm_config.json``)."""
@@ -39,6 +49,21 @@ class LLMConfig:
     vocab_size: int
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "vocab_size",
+            "rope_theta",
+            "rms_norm_eps",
+        )
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads")
 
     @property
     def head_dim(self) -> int:
@@ -61,6 +86,20 @@ class ViTConfig:
     image_size: int = 980
     layer_norm_eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "patch_size",
+            "image_size",
+            "layer_norm_eps",
+        )
+        if self.hidden_size % self.num_heads:
+            raise ValueError("vit hidden_size must be a multiple of num_attention_heads")
+
     @property
     def num_positions(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -80,6 +119,11 @@ class VAEConfig:
     shift_factor: float = 0.1159
     resolution: int = 256
 
+    def __post_init__(self) -> None:
+        _positive(self, "in_channels", "out_channels", "base_channels", "num_res_blocks", "z_channels", "scale_factor")
+        if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be positive integers, got {self.channel_mult}")
+
     @property
     def block_out_channels(self) -> tuple[int, ...]:
         return tuple(self.base_channels * m for m in self.channel_mult)
@@ -97,6 +141,9 @@ class ImageTransformConfig:
     min_size: int
     stride: int
     max_pixels: int = 14 * 14 * 9 * 1024
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_size", "min_size", "stride", "max_pixels")
 
 
 RENORM_TYPES = ("global", "channel", "text_channel")
@@ -130,21 +177,30 @@ class ImageSampling:
 
     def __post_init__(self) -> None:
         for name in ("timestep_shift", "guidance_scale", "image_guidance_scale", "cfg_renorm_min"):
-            if not math.isfinite(getattr(self, name)):
-                raise InvalidInputError(f"{name} must be a finite number, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
+        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int):
+            raise InvalidInputError(f"num_timesteps must be an integer, got {self.num_timesteps!r}")
         if self.num_timesteps < 2:
             raise InvalidInputError(
                 f"num_timesteps must be at least 2 (it counts schedule points; the model runs num_timesteps - 1 times), got {self.num_timesteps}"
             )
         if self.cfg_renorm_type not in RENORM_TYPES:
-            raise InvalidInputError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}")
+            raise InvalidInputError(
+                f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}"
+            )
         if self.timestep_shift <= 0:
             raise InvalidInputError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0 <= self.cfg_renorm_min <= 1:
             raise InvalidInputError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
-        lo, hi = self.cfg_interval
+        try:
+            lo, hi = (float(x) for x in self.cfg_interval)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"cfg_interval must be a pair (lo, hi), got {self.cfg_interval!r}") from None
         if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
             raise InvalidInputError(f"cfg_interval must be (lo, hi) with lo <= hi, got {self.cfg_interval}")
+        object.__setattr__(self, "cfg_interval", (lo, hi))
 
 
 @dataclass(frozen=True)
@@ -190,6 +246,13 @@ class BagelConfig:
         sampling=ImageSampling(image_guidance_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"),
     )
     text: TextDefaults = TextDefaults()
+
+    def __post_init__(self) -> None:
+        _positive(self, "latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side")
+        if self.connector_act != "gelu_pytorch_tanh":
+            raise ValueError(f"connector_act {self.connector_act!r} is not supported (only gelu_pytorch_tanh)")
+        if self.position_mode not in ("extrapolate", "interpolate"):
+            raise ValueError(f"position_mode must be 'extrapolate' or 'interpolate', got {self.position_mode!r}")
 
     @property
     def latent_channels_per_token(self) -> int:
@@ -267,12 +330,17 @@ def preset(name: str) -> BagelConfig:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"{path.parent}: missing {path.name}; a BAGEL checkpoint folder needs it")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: missing {path.name}; a BAGEL checkpoint folder needs it") from None
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _image_transform(d: dict[str, Any]) -> ImageTransformConfig:
@@ -318,9 +386,9 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
         CheckpointError: a json file is missing or malformed.
     """
     folder = Path(folder)
-    llm = _read_json(folder / "llm_config.json")
-    vit = _read_json(folder / "vit_config.json")
-    try:
+    llm_file, vit_file = folder / "llm_config.json", folder / "vit_config.json"
+    llm, vit = _read_json(llm_file), _read_json(vit_file)
+    with _config_errors(llm_file):
         llm_cfg = LLMConfig(
             hidden_size=int(llm["hidden_size"]),
             num_layers=int(llm["num_hidden_layers"]),
@@ -331,6 +399,7 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
             rope_theta=float(llm.get("rope_theta", 1_000_000.0)),
             rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
         )
+    with _config_errors(vit_file):
         vit_cfg = ViTConfig(
             hidden_size=int(vit["hidden_size"]),
             num_layers=int(vit["num_hidden_layers"]) - 1,  # quirk: last layer dropped
@@ -340,15 +409,24 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
             image_size=int(vit.get("image_size", 980)),
             layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
         )
-    except KeyError as e:
-        raise CheckpointError(f"{folder}: config is missing the field {e.args[0]!r}") from None
 
     cfg = BagelConfig(llm=llm_cfg, vit=vit_cfg)
-    if (folder / OPENBAGEL_EXTRA).exists():
-        cfg = _apply_openbagel_extra(cfg, _read_json(folder / OPENBAGEL_EXTRA))
-    elif (folder / GOLDEN_EXTRA).exists():
-        cfg = _apply_golden_extra(cfg, _read_json(folder / GOLDEN_EXTRA))
+    for name, apply in ((OPENBAGEL_EXTRA, _apply_openbagel_extra), (GOLDEN_EXTRA, _apply_golden_extra)):
+        if (folder / name).exists():
+            with _config_errors(folder / name):
+                return apply(cfg, _read_json(folder / name))
     return cfg
+
+
+@contextmanager
+def _config_errors(file: Path) -> Iterator[None]:
+    """Turn a missing field or a bad value in ``file`` into a CheckpointError naming the file."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{file}: missing the field {e.args[0]!r}") from None
+    except (TypeError, ValueError, InvalidInputError) as e:
+        raise CheckpointError(f"{file}: invalid setting ({e})") from None
 
 
 def _vae_from_ae_params(p: dict[str, Any]) -> VAEConfig:
@@ -398,5 +476,7 @@ def openbagel_extra(cfg: BagelConfig) -> dict[str, Any]:
     """The ``openbagel.json`` content that makes :func:`config_from_checkpoint` return ``cfg``
     (given the same ``llm_config.json``/``vit_config.json``)."""
     d = asdict(cfg)
-    out = {k: d[k] for k in (*_TOP_LEVEL, "position_mode", "vae", "vae_transform", "vit_transform", "t2i", "edit", "text")}
+    out = {
+        k: d[k] for k in (*_TOP_LEVEL, "position_mode", "vae", "vae_transform", "vit_transform", "t2i", "edit", "text")
+    }
     return out

@@ -10,9 +10,9 @@ transforms) is read from the case, nothing is assumed. Used by
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -57,7 +57,9 @@ class _Checker:
         self.r = result
         self.bf16 = dtype != torch.float32
 
-    def tensor(self, name: str, ours: Tensor, ref: Tensor, *, bf16_rel: float | None = None, bf16_abs: float | None = None) -> None:
+    def tensor(
+        self, name: str, ours: Tensor, ref: Tensor, *, bf16_rel: float | None = None, bf16_abs: float | None = None
+    ) -> None:
         """Relative L2 error <= REL_TOL in float32; in bf16 only the given bounds are enforced."""
         ours, ref = ours.detach().float().cpu().reshape(ref.shape), ref.float()
         diff = (ours - ref).abs()
@@ -139,7 +141,13 @@ class GoldenRunner:
         ref_ids = data["generated"]
         logits: list[Tensor] = []
         ids = list(
-            decode_tokens(self.model, session.full.fork(), self.special, TextSampling(max_new_tokens=len(ref_ids)), on_logits=logits.append)
+            decode_tokens(
+                self.model,
+                session.full.fork(),
+                self.special,
+                TextSampling(max_new_tokens=len(ref_ids)),
+                on_logits=logits.append,
+            )
         )
         c.equal("generated", [self.special.bos, *ids][: len(ref_ids)], ref_ids)
         steps = min(len(logits), data["logits"].shape[0])
@@ -151,7 +159,12 @@ class GoldenRunner:
         pixels = to_tensor(resize(image, vit_t))
         p = self.config.vit.patch_size
         patches = patchify(pixels, p)
-        pos = flattened_position_ids(pixels.shape[1] // p, pixels.shape[2] // p, self.config.vit_max_num_patch_per_side, self.config.position_mode)
+        pos = flattened_position_ids(
+            pixels.shape[1] // p,
+            pixels.shape[2] // p,
+            self.config.vit_max_num_patch_per_side,
+            self.config.position_mode,
+        )
         c.tensor("vit_packed_pixel_values", patches, data["vit_packed_pixel_values"])
         c.equal("vit_position_ids", pos, data["vit_position_ids"])
         n = patches.shape[0]
@@ -201,14 +214,26 @@ class GoldenRunner:
         c.tensor("first_step_velocity", steps[0].v, data["first_step_velocity"], bf16_rel=BF16_VELOCITY_REL)
         c.tensor("first_step_v_cond", steps[0].v_cond, data["first_step_v_cond"], bf16_rel=BF16_VELOCITY_REL)
         if "first_step_v_cfg_text" in data and steps[0].v_text_free is not None:
-            c.tensor("first_step_v_cfg_text", steps[0].v_text_free, data["first_step_v_cfg_text"], bf16_rel=BF16_VELOCITY_REL)
+            c.tensor(
+                "first_step_v_cfg_text", steps[0].v_text_free, data["first_step_v_cfg_text"], bf16_rel=BF16_VELOCITY_REL
+            )
         if "first_step_v_cfg_img" in data:
             if steps[0].v_image_free is None:
                 c.r.failures.append("first_step_v_cfg_img: image-free branch was not run")
             else:
-                c.tensor("first_step_v_cfg_img", steps[0].v_image_free, data["first_step_v_cfg_img"], bf16_rel=BF16_VELOCITY_REL)
+                c.tensor(
+                    "first_step_v_cfg_img",
+                    steps[0].v_image_free,
+                    data["first_step_v_cfg_img"],
+                    bf16_rel=BF16_VELOCITY_REL,
+                )
         c.tensor("final_latent_packed", final, data["final_latent_packed"])
-        latent = unpatchify(final, lh // self.config.latent_patch_size, lw // self.config.latent_patch_size, self.config.latent_patch_size)[None]
+        latent = unpatchify(
+            final,
+            lh // self.config.latent_patch_size,
+            lw // self.config.latent_patch_size,
+            self.config.latent_patch_size,
+        )[None]
         c.tensor("final_latent", latent, data["final_latent"])
         decoded = self.vae.decode(latent)
         c.tensor("decoded", decoded, data["decoded"])
@@ -223,7 +248,9 @@ class GoldenRunner:
         c.tensor("vae_decode_out", self.vae.decode(data["vae_decode_in"]), data["vae_decode_out"])
         c.tensor("vae_encoder_out_moments", self.vae.moments(data["vae_encoder_in"]), data["vae_encoder_out_moments"])
         c.tensor("time_embedder_out", self.model.time_embedder(data["time_embedder_t"]), data["time_embedder_out"])
-        cos, sin = rope_cos_sin(data["rope_positions"], data["rope_cos"].shape[-1], self.config.llm.rope_theta, torch.float32)
+        cos, sin = rope_cos_sin(
+            data["rope_positions"], data["rope_cos"].shape[-1], self.config.llm.rope_theta, torch.float32
+        )
         c.tensor("rope_cos", cos, data["rope_cos"])
         c.tensor("rope_sin", sin, data["rope_sin"])
         c.tensor("embed_out", self.model.embed_text(data["embed_ids"]), data["embed_out"])
@@ -269,7 +296,9 @@ class GoldenRunner:
         p = self.config.latent_patch_size
         tokens = patchify(latent[0], p)
         h, w = latent.shape[2] // p, latent.shape[3] // p
-        session.add_vae_image(tokens, flattened_position_ids(h, w, self.config.max_latent_size, self.config.position_mode))
+        session.add_vae_image(
+            tokens, flattened_position_ids(h, w, self.config.max_latent_size, self.config.position_mode)
+        )
         self._vit_image(case, data, resized, c, session)
         session.add_text(data["prompt_ids"].tolist())
         self._flow(case, data, session, c)
@@ -315,7 +344,9 @@ class GoldenRunner:
             latent_indexes=slot[gen],
         )
         hidden = model(inp)
-        ce = cross_entropy_per_token(model.logits(hidden[slot[data["in_ce_loss_indexes"]]]), data["in_packed_label_ids"])
+        ce = cross_entropy_per_token(
+            model.logits(hidden[slot[data["in_ce_loss_indexes"]]]), data["in_packed_label_ids"]
+        )
         mse = mse_per_element(model.velocity(hidden[slot[data["in_mse_loss_indexes"]]]), target[t > 0])
         c.tensor("ce_per_token", ce, data["ce_per_token"])
         c.tensor("mse_per_element", mse, data["mse_per_element"])

@@ -27,6 +27,8 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
+    if not isinstance(source, (str, Path)):
+        raise InvalidInputError(f"expected an image path or a PIL image, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
         raise InvalidInputError(f"image file not found: {str(path)!r}")
@@ -34,6 +36,10 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
+    except Image.DecompressionBombError:
+        raise InvalidInputError(
+            f"{path}: the image is too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InvalidInputError(f"{path}: not an image file Pillow can read ({e.__class__.__name__}: {e})") from None
 
@@ -45,7 +51,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     One improvement over the reference: 16-bit integer images are scaled to 8
     bits (the reference clips them, which turns most of them white); a warning says so.
+
+    Raises:
+        InvalidInputError: an empty image, or a mode Pillow cannot convert.
     """
+    if img.width < 1 or img.height < 1:
+        raise InvalidInputError(f"the image is empty ({img.width}x{img.height} pixels)")
+    try:
+        return _to_rgb(img)
+    except ValueError as e:
+        raise InvalidInputError(f"cannot convert an image of mode {img.mode!r} to RGB ({e})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGBA" or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))

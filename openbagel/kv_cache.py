@@ -69,7 +69,7 @@ class KVCache:
         """Keep the ``n`` tokens written by the last forward."""
         self.length += n
 
-    def fork(self, length: int | None = None) -> "KVCache":
+    def fork(self, length: int | None = None) -> KVCache:
         """An independent copy of the first ``length`` cached tokens (default: all).
 
         One copy of the filled prefix; the new cache has the same capacity.

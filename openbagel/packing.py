@@ -110,7 +110,9 @@ def vit_segment(patches: Tensor, position_ids: Tensor, rope: int, special: Speci
     )
 
 
-def latent_segment(latents: Tensor, timestep: float | Tensor, position_ids: Tensor, rope: int, special: SpecialIds) -> SequenceInput:
+def latent_segment(
+    latents: Tensor, timestep: float | Tensor, position_ids: Tensor, rope: int, special: SpecialIds
+) -> SequenceInput:
     """``<|vision_start|>, <|vision_end|>`` then ``n`` latent tokens, at one position, full attention.
 
     Used both for a clean VAE image in the context (``timestep`` 0) and for an

@@ -12,9 +12,9 @@ guidance contexts) and runs the text decoder or the image sampler on it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -58,11 +58,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         InvalidInputError: another dtype.
     """
     if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.bfloat16):
+        if dtype in _DTYPES.values():
             return dtype
         raise InvalidInputError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
     try:
-        return _DTYPES[dtype.lower()]
+        return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise InvalidInputError(f"dtype {dtype!r} is not supported; use float32 or bfloat16") from None
 
@@ -75,13 +75,38 @@ def parse_device(device: str | torch.device) -> torch.device:
     """
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"device type {dev.type!r} is not supported; use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {dev} requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidInputError("device 'mps' requested but MPS is not available; use --device cpu")
     return dev
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A CPU ``torch.Generator`` seeded with ``seed`` (None: no generator).
+
+    Noise is drawn on the CPU, so a seed gives the same result on every device.
+
+    Raises:
+        InvalidInputError: a seed that is not an integer in [0, 2**63).
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidInputError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -125,6 +150,78 @@ class ImageSettings:
     generator: torch.Generator | None = field(default=None)
 
 
+def check_size(config: BagelConfig, height: int, width: int) -> None:
+    """Refuse sizes the model cannot generate, before any compute.
+
+    Raises:
+        InvalidInputError: a side that is not a multiple of 16 (the message
+            gives the nearest valid size), or beyond the model's maximum.
+    """
+    step, limit = config.latent_downsample, config.max_image_side
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidInputError(f"{name} must be an integer number of pixels, got {v!r}")
+        if v < step:
+            raise InvalidInputError(f"{name} {v} is too small; the smallest valid {name} is {step}")
+        if v > limit:
+            raise InvalidInputError(
+                f"{name} {v} exceeds this model's limit of {limit} pixels (max_latent_size {config.max_latent_size} x {step})"
+            )
+        if v % step:
+            nearest = min(limit, max(step, round(v / step) * step))
+            raise InvalidInputError(f"{name} {v} is not a multiple of {step}; the nearest valid {name} is {nearest}")
+
+
+def image_settings(
+    config: BagelConfig,
+    defaults: ImageTaskDefaults,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    **sampling,
+) -> ImageSettings:
+    """Resolve per-call image settings against a task's defaults (``config.t2i`` or ``config.edit``).
+
+    ``None`` means "the default". A default size of 0 (editing) means the
+    input image's size, filled in by the caller.
+
+    Raises:
+        InvalidInputError: bad size or sampling settings.
+    """
+    params = replace(defaults.sampling, **{k: v for k, v in sampling.items() if v is not None})
+    if (height is None) != (width is None) and not (defaults.height and defaults.width):
+        raise InvalidInputError("give both height and width, or neither (then the input image's size is used)")
+    height = defaults.height if height is None else height
+    width = defaults.width if width is None else width
+    if not (height == width == 0 and defaults.height == defaults.width == 0):
+        check_size(config, height, width)
+    if generator is None:
+        generator = make_generator(seed)
+    return ImageSettings(height, width, params, generator)
+
+
+def text_sampling(
+    config: BagelConfig,
+    max_new_tokens: int | None = None,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    think: bool = False,
+) -> TextSampling:
+    """Text decoding settings with the config's defaults for ``None``
+    (``max_think_tokens`` instead of ``max_new_tokens`` when thinking)."""
+    t = config.text
+    if max_new_tokens is None:
+        max_new_tokens = t.max_think_tokens if think else t.max_new_tokens
+    return TextSampling(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=t.temperature if temperature is None else temperature,
+        top_p=t.top_p if top_p is None else top_p,
+    )
+
+
 class BagelPipeline:
     """A loaded BAGEL: model, VAE, tokenizer and config.
 
@@ -143,7 +240,7 @@ class BagelPipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
-    ) -> "BagelPipeline":
+    ) -> BagelPipeline:
         """Load a checkpoint folder (or a Hugging Face cache snapshot folder), offline.
 
         Args:
@@ -156,6 +253,8 @@ class BagelPipeline:
             InvalidInputError: bad dtype or unavailable device.
         """
         dt, dev = parse_dtype(dtype), parse_device(device)
+        if not isinstance(path, (str, Path)):
+            raise InvalidInputError(f"path must be a checkpoint folder, got {type(path).__name__}")
         folder = resolve_checkpoint_dir(path)
         config = config_from_checkpoint(folder)
         tokenizer = Tokenizer.from_folder(folder)
@@ -167,74 +266,27 @@ class BagelPipeline:
     def device(self) -> torch.device:
         return self.model.vae2llm.weight.device
 
-    def chat(self, system_prompt: str | None = None) -> "Chat":
+    def chat(self, system_prompt: str | None = None) -> Chat:
         """A new multi-turn conversation (see :class:`Chat`)."""
         return Chat(self, system_prompt)
 
     # --- settings ----------------------------------------------------------------
 
     def check_size(self, height: int, width: int) -> None:
-        """Refuse sizes the model cannot generate, before any compute.
-
-        Raises:
-            InvalidInputError: a side that is not a multiple of 16 (the message
-                gives the nearest valid size), or beyond the model's maximum.
-        """
-        step, limit = self.config.latent_downsample, self.config.max_image_side
-        for name, v in (("height", height), ("width", width)):
-            if v > limit:
-                raise InvalidInputError(f"{name} {v} exceeds this model's limit of {limit} pixels (max_latent_size {self.config.max_latent_size} x {step})")
-            if v < step or v % step:
-                nearest = min(limit, max(step, round(v / step) * step))
-                raise InvalidInputError(f"{name} {v} is not a multiple of {step}; the nearest valid {name} is {nearest}")
+        """See :func:`check_size`."""
+        check_size(self.config, height, width)
 
     def image_settings(
-        self,
-        defaults: ImageTaskDefaults,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        **sampling,
-    ) -> "ImageSettings":
-        """Resolve per-call image settings against a task's defaults (``config.t2i`` or ``config.edit``).
-
-        ``None`` means "the default". A default size of 0 (editing) means the
-        input image's size, filled in by the caller.
-
-        Raises:
-            InvalidInputError: bad size or sampling settings.
-        """
-        params = replace(defaults.sampling, **{k: v for k, v in sampling.items() if v is not None})
-        if (height is None) != (width is None) and not (defaults.height and defaults.width):
-            raise InvalidInputError("give both height and width, or neither (then the input image's size is used)")
-        height = defaults.height if height is None else height
-        width = defaults.width if width is None else width
-        if not (height == width == 0 and defaults.height == defaults.width == 0):
-            self.check_size(height, width)
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(int(seed))
-        return ImageSettings(height, width, params, generator)
+        self, defaults: ImageTaskDefaults, height=None, width=None, seed=None, generator=None, **sampling
+    ) -> ImageSettings:
+        """See :func:`image_settings`."""
+        return image_settings(self.config, defaults, height, width, seed, generator, **sampling)
 
     def text_sampling(
-        self,
-        max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        think: bool = False,
+        self, max_new_tokens=None, do_sample=False, temperature=None, top_p=None, think=False
     ) -> TextSampling:
-        """Text decoding settings with the config's defaults for ``None``
-        (``max_think_tokens`` instead of ``max_new_tokens`` when thinking)."""
-        t = self.config.text
-        if max_new_tokens is None:
-            max_new_tokens = t.max_think_tokens if think else t.max_new_tokens
-        return TextSampling(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=t.temperature if temperature is None else temperature,
-            top_p=t.top_p if top_p is None else top_p,
-        )
+        """See :func:`text_sampling`."""
+        return text_sampling(self.config, max_new_tokens, do_sample, temperature, top_p, think)
 
     # --- tasks -------------------------------------------------------------------
 
@@ -273,6 +325,7 @@ class BagelPipeline:
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
+        _check_text("prompt", prompt)
         chat = self.chat(THINK_GENERATE_PROMPT if think else None)
         chat.add_text(prompt)
         return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
@@ -308,6 +361,9 @@ class BagelPipeline:
         Raises:
             InvalidInputError: no image given, unreadable image, bad settings.
         """
+        _check_text("prompt", prompt)
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
         inputs = [image, *images] if image is not None else list(images)
         if not inputs:
             raise InvalidInputError("edit needs an input image; pass image=PATH_OR_PIL")
@@ -378,7 +434,8 @@ class BagelPipeline:
             images = list(image)
         loaded = [load_image(i) for i in images]
         params = self.text_sampling(max_new_tokens, do_sample, temperature, top_p, think=think)
-        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        generator = make_generator(seed)
+        _check_text("question", question)
         chat = self.chat(THINK_UNDERSTAND_PROMPT if think else None)
         for img in loaded:
             chat.add_image(img, vae=False)
@@ -405,7 +462,7 @@ class Chat:
     @torch.inference_mode()
     def add_text(self, text: str) -> None:
         """A user text."""
-        self.session.add_text(self.pipe.tokenizer.encode(text))
+        self.session.add_text(self.pipe.tokenizer.encode(_check_text("text", text)))
 
     @torch.inference_mode()
     def add_image(self, image: ImageInput, *, vae: bool = True, vit: bool = True) -> tuple[int, int]:
@@ -426,7 +483,9 @@ class Chat:
         if vit:
             pixels = to_tensor(resize(img, cfg.vit_transform))
             p = cfg.vit.patch_size
-            pos = flattened_position_ids(pixels.shape[1] // p, pixels.shape[2] // p, cfg.vit_max_num_patch_per_side, cfg.position_mode)
+            pos = flattened_position_ids(
+                pixels.shape[1] // p, pixels.shape[2] // p, cfg.vit_max_num_patch_per_side, cfg.position_mode
+            )
             self.session.add_vit_image(patchify(pixels, p).to(model.dtype), pos)
         return img.size
 
@@ -439,7 +498,9 @@ class Chat:
 
         def tokens() -> Iterator[int]:
             with torch.inference_mode():
-                for token in decode_tokens(self.pipe.model, self.session.full.fork(), self.session.special, params, generator):
+                for token in decode_tokens(
+                    self.pipe.model, self.session.full.fork(), self.session.special, params, generator
+                ):
                     ids.append(token)
                     yield token
 
@@ -471,7 +532,9 @@ class Chat:
             text = pipe.tokenizer.decode(ids)
             self.session.add_text(ids, user=False, image_free=False)
             reasoning = split_reasoning(text)[0] or text.strip()
-        latents = generate_latents(pipe.model, self.session, s.height, s.width, s.sampling, s.generator, progress=progress)
+        latents = generate_latents(
+            pipe.model, self.session, s.height, s.width, s.sampling, s.generator, progress=progress
+        )
         p, down = pipe.config.latent_patch_size, pipe.config.latent_downsample
         latent = unpatchify(latents, s.height // down, s.width // down, p)[None]
         image = to_pil(pipe.vae.decode(latent)[0])

@@ -3,8 +3,8 @@ checkpoint folder) and the special ids the contexts need (spec section 3)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from openbagel.errors import CheckpointError
 from openbagel.packing import SpecialIds
@@ -37,7 +37,7 @@ class Tokenizer:
         self.special = SpecialIds(**self.ids)
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
         """Load the tokenizer files of a checkpoint folder (never the network).
 
         Raises:

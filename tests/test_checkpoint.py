@@ -52,6 +52,43 @@ def test_malformed_json(ckpt):
         config_from_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize(
+    "file,content,message",
+    [
+        ("llm_config.json", "[1, 2]", "expected a JSON object"),
+        ("llm_config.json", b"\xff\xfe\x00", "not valid JSON"),
+        ("llm_config.json", '{"hidden_size": "abc"}', "llm_config.json: invalid setting"),
+        ("vit_config.json", '{"hidden_size": 32}', "vit_config.json: missing the field 'num_hidden_layers'"),
+        ("openbagel.json", '{"t2i": {"sampling": {"num_timesteps": "ten"}}}', "openbagel.json: invalid setting"),
+        ("openbagel.json", '{"vae_transform": {}}', "openbagel.json: missing the field 'max_size'"),
+        (
+            "openbagel.json",
+            '{"vae_transform": {"max_size": 256, "min_size": 64, "stride": 0}}',
+            "stride must be a positive number",
+        ),
+        ("openbagel.json", '{"position_mode": "weird"}', "position_mode must be"),
+        ("openbagel.json", '{"vae": {"colour": 1}}', "openbagel.json: invalid setting"),
+        ("openbagel.json", "[]", "expected a JSON object"),
+    ],
+)
+def test_malformed_configs(ckpt, file, content, message):
+    path = ckpt / file
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        config_from_checkpoint(ckpt)
+
+
+def test_config_with_zero_heads(ckpt):
+    data = json.loads((ckpt / "llm_config.json").read_text())
+    data["num_attention_heads"] = 0
+    (ckpt / "llm_config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="num_heads must be a positive number"):
+        config_from_checkpoint(ckpt)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_dir(tmp_path / "nope")

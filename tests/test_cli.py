@@ -41,7 +41,9 @@ def test_generate_edit_understand(tmp_path, model_args):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
     edited = tmp_path / "blue.jpg"
-    r = runner.invoke(app, ["edit", str(out), "make it blue", "-o", str(edited), "--steps", "3", "--cfg-img", "1.5", *model_args])
+    r = runner.invoke(
+        app, ["edit", str(out), "make it blue", "-o", str(edited), "--steps", "3", "--cfg-img", "1.5", *model_args]
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(edited).format == "JPEG"
 
@@ -49,7 +51,9 @@ def test_generate_edit_understand(tmp_path, model_args):
     assert r.exit_code == 0, r.output
     assert r.output.endswith("\n")
 
-    r = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / "w.png"), "--size", "128x64", "--steps", "2", *model_args])
+    r = runner.invoke(
+        app, ["generate", "x", "-o", str(tmp_path / "w.png"), "--size", "128x64", "--steps", "2", *model_args]
+    )
     assert r.exit_code == 0 and Image.open(tmp_path / "w.png").size == (128, 64)
 
 
@@ -63,6 +67,11 @@ def test_generate_edit_understand(tmp_path, model_args):
         (["--renorm", "nope"], "cfg_renorm_type must be one of"),
         (["--cfg-interval", "0.4"], "--cfg-interval must look like LO,HI"),
         (["--dtype", "int8"], "dtype 'int8' is not supported"),
+        (["--device", "meta"], "device type 'meta' is not supported"),
+        (["--seed", "18446744073709551616"], "seed must be an integer"),
+        (["--cfg-text", "inf"], "guidance_scale must be a finite number"),
+        (["--renorm-min", "1.5"], "cfg_renorm_min must be in [0, 1]"),
+        (["--size", "-16x64"], "width -16 is too small"),
     ],
 )
 def test_generate_bad_input(tmp_path, model_args, args, message):
@@ -72,6 +81,23 @@ def test_generate_bad_input(tmp_path, model_args, args, message):
     assert message in r.output
     assert "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_settings_checked_before_weights_load(tmp_path, tiny_dir):
+    # a broken weights file is never read when a setting is wrong
+    ckpt = tmp_path / "ckpt"
+    import shutil
+
+    shutil.copytree(tiny_dir, ckpt)
+    (ckpt / "ema.safetensors").write_text("broken")
+    r = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / "o.png"), "--steps", "0", "--model", str(ckpt)])
+    assert r.exit_code == 2 and "num_timesteps must be at least 2" in r.output
+
+
+@pytest.mark.parametrize("ext", [".psd", ".xbm", ".h5", ""])
+def test_unwritable_formats_refused(tmp_path, model_args, ext):
+    r = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / f"o{ext}"), *model_args])
+    assert r.exit_code == 2 and "cannot write images with extension" in r.output
 
 
 def test_output_path_is_a_folder(tmp_path, model_args):

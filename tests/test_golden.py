@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from openbagel.golden import GoldenRunner, run_all
+from openbagel.golden import GoldenRunner
 
 from .conftest import GOLDEN
 

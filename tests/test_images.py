@@ -73,6 +73,17 @@ def test_load_errors(tmp_path):
         load_image(trunc)
 
 
+def test_decompression_bomb_and_odd_modes(tmp_path, monkeypatch):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 200x200 is then over twice the limit
+    with pytest.raises(InvalidInputError, match="too large to open safely"):
+        load_image(big)
+    monkeypatch.undo()
+    la = Image.new("LA", (3, 3), (100, 255))
+    assert to_rgb(la).getpixel((0, 0)) == (100, 100, 100)
+
+
 def test_tensor_mapping():
     img = Image.fromarray(np.array([[[0, 128, 255]]], dtype=np.uint8))
     t = to_tensor(img)

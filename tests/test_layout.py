@@ -31,9 +31,10 @@ def test_7b_mot_matches_published_layout():
     model = build_model(preset("7b-mot"))
     ours = model_shapes(model, DERIVED_TENSORS)
     assert ours == published
-    assert sum(p.numel() for p in model.parameters()) + sum(
-        model.get_buffer(k).numel() for k in DERIVED_TENSORS
-    ) == 14_607_260_128
+    assert (
+        sum(p.numel() for p in model.parameters()) + sum(model.get_buffer(k).numel() for k in DERIVED_TENSORS)
+        == 14_607_260_128
+    )
     # the loader's own strict check passes with and without the derived tables
     check_tensors(published, ours, LAYOUT / "ema.safetensors", optional=DERIVED_TENSORS)
     without = {k: v for k, v in published.items() if k not in DERIVED_TENSORS}

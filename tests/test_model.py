@@ -145,7 +145,16 @@ def test_patchify_round_trip_and_order():
     tokens = patchify(x, 2)
     assert tokens.shape == (6, 8)
     # token 0 holds rows 0-1, cols 0-1; features ordered (row, col, channel)
-    assert tokens[0].tolist() == [x[0, 0, 0], x[1, 0, 0], x[0, 0, 1], x[1, 0, 1], x[0, 1, 0], x[1, 1, 0], x[0, 1, 1], x[1, 1, 1]]
+    assert tokens[0].tolist() == [
+        x[0, 0, 0],
+        x[1, 0, 0],
+        x[0, 0, 1],
+        x[1, 0, 1],
+        x[0, 1, 0],
+        x[1, 1, 0],
+        x[0, 1, 1],
+        x[1, 1, 1],
+    ]
     assert torch.equal(unpatchify(tokens, 2, 3, 2), x)
 
 

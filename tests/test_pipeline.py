@@ -45,12 +45,51 @@ def test_size_limit_refused_before_compute(pipe, monkeypatch):
 
 
 def test_zero_or_half_sizes(pipe):
-    with pytest.raises(InvalidInputError, match="height 0 is not a multiple of 16; the nearest valid height is 16"):
+    with pytest.raises(InvalidInputError, match="height 0 is too small; the smallest valid height is 16"):
         pipe.text_to_image("x", height=0)
     with pytest.raises(InvalidInputError, match="give both height and width"):
         pipe.edit(Image.new("RGB", (64, 64)), "x", height=64)
     with pytest.raises(InvalidInputError, match="max_new_tokens must be at least 1"):
         pipe.understand(None, "x", max_new_tokens=0)
+
+
+def test_bad_api_values(pipe):
+    with pytest.raises(InvalidInputError, match="seed must be an integer"):
+        pipe.text_to_image("x", seed=2**70)
+    with pytest.raises(InvalidInputError, match="seed must be an integer"):
+        pipe.understand(None, "x", seed="abc")
+    with pytest.raises(InvalidInputError, match="height must be an integer"):
+        pipe.text_to_image("x", height=64.0, width=64)
+    with pytest.raises(InvalidInputError, match="width -16 is too small"):
+        pipe.text_to_image("x", height=64, width=-16)
+    with pytest.raises(InvalidInputError, match="num_timesteps must be an integer"):
+        pipe.text_to_image("x", num_timesteps=2.5)
+    with pytest.raises(InvalidInputError, match="cfg_interval must be a pair"):
+        pipe.text_to_image("x", cfg_interval=0.4)
+    with pytest.raises(InvalidInputError, match="prompt must be a string"):
+        pipe.text_to_image(None)
+    with pytest.raises(InvalidInputError, match="temperature must be a finite number"):
+        pipe.understand(None, "x", do_sample=True, temperature=float("nan"))
+    with pytest.raises(InvalidInputError, match="the image is empty"):
+        pipe.understand(Image.new("RGB", (0, 0)), "x")
+    # a string for `images` is one path, not a list of characters
+    with pytest.raises(InvalidInputError, match="image file not found: 'nope.png'"):
+        pipe.edit(None, "x", images="nope.png")
+
+
+def test_bad_devices_and_dtypes():
+    from openbagel.pipeline import parse_device, parse_dtype
+
+    for device in ("meta", "xla", "nonsense", None):
+        with pytest.raises(InvalidInputError, match="device"):
+            parse_device(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="no CUDA GPU"):
+            parse_device("cuda")
+    for dtype in ("float16", None, torch.int8):
+        with pytest.raises(InvalidInputError, match="not supported"):
+            parse_dtype(dtype)
+    assert parse_dtype("bf16") is torch.bfloat16
 
 
 def test_num_timesteps_below_two(pipe):
@@ -136,6 +175,20 @@ def test_context_conventions(pipe):
     tf = s.text_free()
     assert (tf.cache.length, tf.rope) == (10, 5)  # before the last user text
     torch.testing.assert_close(tf.cache.keys(1), s.full.cache.keys(1)[:10])
+
+
+def test_chunked_prefill_is_exact(pipe, monkeypatch):
+    import openbagel.inference.session as session_mod
+
+    ids = list(range(40, 90))
+    whole = _session(pipe)
+    whole.add_text(ids)
+    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
+    chunked = _session(pipe)
+    chunked.add_text(ids)
+    assert chunked.full.rope == whole.full.rope == 52
+    torch.testing.assert_close(chunked.full.cache.keys(1), whole.full.cache.keys(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.full.cache.values(1), whole.full.cache.values(1), rtol=1e-5, atol=1e-5)
 
 
 def test_image_free_shortcut_equals_separate_context(pipe):

@@ -36,7 +36,9 @@ def test_special_tokens_added_if_missing(tmp_path, tiny_dir):
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|vision_end|>"]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg["added_tokens_decoder"] = {k: v for k, v in cfg.get("added_tokens_decoder", {}).items() if v["content"] != "<|vision_end|>"}
+    cfg["added_tokens_decoder"] = {
+        k: v for k, v in cfg.get("added_tokens_decoder", {}).items() if v["content"] != "<|vision_end|>"
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = Tokenizer.from_folder(tmp_path)
     assert tok.hf.convert_tokens_to_ids("<|vision_end|>") == tok.ids["end_of_image"]

@@ -7,8 +7,8 @@ to any cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -73,7 +73,9 @@ class FlowStep:
     v: Tensor
 
 
-def latent_velocity(model: Bagel, ctx: Context, x: Tensor, t: Tensor, position_ids: Tensor, special: SpecialIds) -> Tensor:
+def latent_velocity(
+    model: Bagel, ctx: Context, x: Tensor, t: Tensor, position_ids: Tensor, special: SpecialIds
+) -> Tensor:
     """Velocity ``[n, C]`` (float32) of noisy latent tokens ``x`` at time ``t`` given ``ctx``.
 
     The query ``<|vision_start|>, latents, <|vision_end|>`` sits at the context's

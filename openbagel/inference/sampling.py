@@ -36,12 +36,18 @@ class TextSampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
-            raise InvalidInputError(f"temperature and top_p must be finite numbers, got {self.temperature}, {self.top_p}")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidInputError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise InvalidInputError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy decoding")
+            raise InvalidInputError(
+                f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy decoding"
+            )
         if not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
 

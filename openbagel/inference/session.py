@@ -24,6 +24,9 @@ from openbagel.kv_cache import KVCache
 from openbagel.model.bagel import Bagel, SequenceInput
 from openbagel.packing import SpecialIds, latent_segment, text_segment, vit_segment
 
+#: Most text tokens prefilled in one forward.
+PREFILL_CHUNK = 1024
+
 
 @dataclass
 class Context:
@@ -33,12 +36,12 @@ class Context:
     rope: int = 0
 
     @staticmethod
-    def empty(model: Bagel, capacity: int = 256) -> "Context":
+    def empty(model: Bagel, capacity: int = 256) -> Context:
         cfg = model.config.llm
         device = model.vae2llm.weight.device
         return Context(KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, model.dtype, device))
 
-    def fork(self, length: int | None = None, rope: int | None = None) -> "Context":
+    def fork(self, length: int | None = None, rope: int | None = None) -> Context:
         """An independent copy (of the first ``length`` cached tokens, with counter ``rope``)."""
         return Context(self.cache.fork(length), self.rope if rope is None else rope)
 
@@ -83,8 +86,12 @@ class Session:
             self._image_free = self.full.fork()
 
     def _text(self, ctx: Context, ids: list[int]) -> None:
+        # Long texts are prefilled in chunks: exact for causal attention, and the
+        # attention scores then take O(chunk x context) memory, not O(context^2).
         wrapped = [self.special.bos, *ids, self.special.eos]
-        append(self.model, ctx, text_segment(wrapped, ctx.rope, ctx.device), len(wrapped))
+        for start in range(0, len(wrapped), PREFILL_CHUNK):
+            chunk = wrapped[start : start + PREFILL_CHUNK]
+            append(self.model, ctx, text_segment(chunk, ctx.rope, ctx.device), len(chunk))
 
     def add_text(self, ids: list[int], *, user: bool = True, image_free: bool = True) -> None:
         """Append ``[BOS] ids [EOS]``.
@@ -121,7 +128,7 @@ class Session:
         length, rope = self._mark
         return self.full.fork(length, rope)
 
-    def fork(self) -> "Session":
+    def fork(self) -> Session:
         """An independent copy of the whole conversation."""
         new = Session.__new__(Session)
         new.model, new.special, new._mark = self.model, self.special, self._mark

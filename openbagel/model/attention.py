@@ -32,15 +32,15 @@ class AttnMask:
     mask: Tensor | None = None
 
     @staticmethod
-    def full() -> "AttnMask":
+    def full() -> AttnMask:
         return AttnMask("full")
 
     @staticmethod
-    def causal() -> "AttnMask":
+    def causal() -> AttnMask:
         return AttnMask("causal")
 
     @staticmethod
-    def dense(mask: Tensor) -> "AttnMask":
+    def dense(mask: Tensor) -> AttnMask:
         return AttnMask("dense", mask)
 
 

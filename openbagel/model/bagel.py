@@ -85,8 +85,6 @@ class Bagel(nn.Module):
 
     def __init__(self, config: BagelConfig):
         super().__init__()
-        if config.connector_act != "gelu_pytorch_tanh":
-            raise ValueError(f"connector activation {config.connector_act!r} is not supported (only gelu_pytorch_tanh)")
         self.config = config
         d = config.llm.hidden_size
         self.language_model = MoTForCausalLM(config.llm)
