@@ -139,6 +139,18 @@ def test_understand_greedy_matches_stream(pipe):
     assert a.text == b.strip() and a.reasoning is None
 
 
+def test_understand_several_images(pipe):
+    a, b = Image.new("RGB", (64, 48), (200, 0, 0)), Image.new("RGB", (48, 64), (0, 0, 200))
+    assert isinstance(pipe.understand([a, b], "compare", max_new_tokens=4).text, str)
+    chat = pipe.chat()
+    chat.add_image(a, vae=False)
+    assert chat.session.full.cache.length == 32
+    chat.add_image(b, vae=False)
+    # ViT path only: 64x48 -> 80x64 (VAE resize) -> 84x70 -> 6x5 patches (+2 markers);
+    # 48x64 -> 64x80 -> 70x84 -> 5x6 patches (+2); one rotary position each
+    assert (chat.session.full.cache.length, chat.session.full.rope) == (64, 2)
+
+
 def test_split_reasoning():
     assert split_reasoning("<think> plan it </think> the answer ") == ("plan it", "the answer")
     assert split_reasoning("no tags here") == (None, "no tags here")
