@@ -187,6 +187,27 @@ def _config(model: str, device: str, dtype: str):
     return config_from_checkpoint(resolve_checkpoint_dir(model))
 
 
+def _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min) -> dict:
+    """The image sampling options as the Python API's keyword arguments."""
+    return dict(
+        num_timesteps=steps,
+        guidance_scale=guidance_scale,
+        image_guidance_scale=image_guidance_scale,
+        timestep_shift=shift,
+        cfg_interval=_parse_interval(cfg_interval),
+        cfg_renorm_type=renorm,
+        cfg_renorm_min=renorm_min,
+    )
+
+
+def _check_image_settings(model, device, dtype, task, height, width, seed, sampling) -> None:
+    """Validate image settings against the checkpoint's config, before the weights load."""
+    from openbagel.pipeline import image_settings
+
+    config = _config(model, device, dtype)
+    image_settings(config, getattr(config, task), height, width, seed, None, **sampling)
+
+
 def _run(fn):
     """Run a command body, turning our errors into one clean line and exit code 2."""
     try:
@@ -220,25 +241,16 @@ def generate(
     dtype: str = DtypeOpt,
 ) -> None:
     """Generate an image from a text prompt."""
+    sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
     height, width = _parse_size(size)
-    interval = _parse_interval(cfg_interval)
 
     def body():
-        from openbagel.pipeline import image_settings
-
         check_output(output)
-        config = _config(model, device, dtype)
-        image_settings(
-            config, config.t2i, height, width, seed, None, num_timesteps=steps, guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
-            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min,
-        )  # fmt: skip
+        _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
         pipe = _load(model, device, dtype)
         result = pipe.text_to_image(
-            prompt, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
-            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, seed=seed, think=think, progress=True,
-        )  # fmt: skip
+            prompt, height=height, width=width, seed=seed, think=think, progress=True, **sampling
+        )
         _write_result(result, output)
 
     _run(body)
@@ -266,27 +278,19 @@ def edit(
     dtype: str = DtypeOpt,
 ) -> None:
     """Edit or restyle an image following an instruction."""
+    sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
     height, width = _parse_size(size)
-    interval = _parse_interval(cfg_interval)
 
     def body():
         from openbagel.images import load_image
-        from openbagel.pipeline import image_settings
 
         check_output(output)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
-        config = _config(model, device, dtype)
-        image_settings(
-            config, config.edit, height, width, seed, None, num_timesteps=steps, guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
-            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min,
-        )  # fmt: skip
+        _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
         pipe = _load(model, device, dtype)
         result = pipe.edit(
-            source, instruction, height=height, width=width, num_timesteps=steps, guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale, timestep_shift=shift, cfg_interval=interval,
-            cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, seed=seed, think=think, progress=True,
-        )  # fmt: skip
+            source, instruction, height=height, width=width, seed=seed, think=think, progress=True, **sampling
+        )
         _write_result(result, output)
 
     _run(body)

@@ -130,6 +130,21 @@ def test_attention_causal_with_prefix_equals_dense():
     torch.testing.assert_close(attention(q, k, v, AttnMask.causal()), manual, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_backend_choice():
+    from openbagel.model import attention as attn
+
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attn.set_attention_backend("cudnn")
+    if not attn.flash_attn_available():
+        with pytest.raises(ImportError, match="flash-attn is not installed"):
+            attn.set_attention_backend("flash")
+    # CPU tensors always take SDPA, whatever the backend
+    q = torch.randn(3, 4, 8)
+    assert not attn._use_flash(q, AttnMask.full())
+    attn.set_attention_backend("sdpa")
+    attn.set_attention_backend("auto")
+
+
 def test_sincos_table_layout():
     t = sincos_2d_table(4, 16)
     assert t.shape == (16, 16)

@@ -1,12 +1,13 @@
 """The one attention call of the model, with interchangeable backends.
 
 PyTorch's ``scaled_dot_product_attention`` (SDPA) is always available and is
-the reference. flash-attn is an optional backend, imported lazily, used only
-on CUDA tensors without a dense mask.
+the reference. flash-attn is an optional backend, imported lazily and used
+only on 16-bit CUDA tensors without a dense mask (see :func:`set_attention_backend`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,20 +45,34 @@ class AttnMask:
         return AttnMask("dense", mask)
 
 
-_BACKEND = "sdpa"
+_BACKEND = "auto"
 
 
-def set_attention_backend(name: Literal["sdpa", "flash"]) -> None:
-    """Choose the attention backend (``"sdpa"`` default; ``"flash"`` needs flash-attn and CUDA).
+@functools.cache
+def flash_attn_available() -> bool:
+    """Whether the optional flash-attn package imports (checked once, lazily)."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_attention_backend(name: Literal["auto", "sdpa", "flash"]) -> None:
+    """Choose the attention backend.
+
+    ``auto`` (default): flash-attn for 16-bit CUDA tensors when it is
+    installed, SDPA otherwise. ``sdpa``: always PyTorch's SDPA. ``flash``:
+    flash-attn wherever it applies (16-bit CUDA tensors, no dense mask), SDPA elsewhere.
 
     Raises:
-        ValueError: unknown name. ImportError: ``"flash"`` without flash-attn installed.
+        ValueError: unknown name. ImportError: ``flash`` without flash-attn installed.
     """
     global _BACKEND
-    if name == "flash":
-        import flash_attn  # noqa: F401  (fail now, not in the middle of a forward)
-    elif name != "sdpa":
-        raise ValueError(f"unknown attention backend {name!r}; choose 'sdpa' or 'flash'")
+    if name not in ("auto", "sdpa", "flash"):
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
+    if name == "flash" and not flash_attn_available():
+        raise ImportError("flash-attn is not installed; `pip install flash-attn` on a CUDA machine, or use 'sdpa'")
     _BACKEND = name
 
 
@@ -66,6 +81,13 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 
     # flash-attn aligns the causal mask bottom-right, as we want.
     return flash_attn_func(q[None], k[None], v[None], causal=causal)[0]
+
+
+def _use_flash(q: Tensor, mask: AttnMask) -> bool:
+    if _BACKEND == "sdpa" or not q.is_cuda or mask.kind == "dense":
+        return False
+    # flash-attn takes 16-bit floats only
+    return q.is_floating_point() and q.element_size() == 2 and flash_attn_available()
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
@@ -79,8 +101,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
         ``[Lq, H, D]``.
     """
     lq, lk = q.shape[0], k.shape[0]
-    # flash-attn takes 16-bit floats only
-    if _BACKEND == "flash" and q.is_cuda and mask.kind != "dense" and q.is_floating_point() and q.element_size() == 2:
+    if _use_flash(q, mask):
         return _flash(q, k, v, causal=mask.kind == "causal")
     attn_mask = None
     is_causal = False
