@@ -35,24 +35,32 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         CheckpointError: the folder does not exist or holds no ``llm_config.json``.
     """
     p = Path(path).expanduser()
-    if not p.is_dir():
+    if not p.exists():
         raise CheckpointError(
             f"checkpoint folder {str(p)!r} does not exist; pass --model DIR with a BAGEL checkpoint folder"
         )
+    if not p.is_dir():
+        raise CheckpointError(f"{str(p)!r} is a file; pass the checkpoint folder that holds it")
     if (p / "snapshots").is_dir() and not (p / "llm_config.json").exists():
-        ref = p / "refs" / "main"
-        snaps = sorted((p / "snapshots").iterdir())
-        if ref.exists() and (p / "snapshots" / ref.read_text().strip()).is_dir():
-            p = p / "snapshots" / ref.read_text().strip()
-        elif len(snaps) == 1:
-            p = snaps[0]
-        else:
-            raise CheckpointError(
-                f"{p}: a Hugging Face cache folder with {len(snaps)} snapshots and no refs/main; pass the snapshot folder itself"
-            )
+        p = _hf_snapshot(p)
     if not (p / "llm_config.json").exists():
         raise CheckpointError(f"{p}: missing llm_config.json; this is not a BAGEL checkpoint folder")
     return p
+
+
+def _hf_snapshot(repo: Path) -> Path:
+    """The snapshot folder of a Hugging Face cache repo folder: ``refs/main``, or the only snapshot."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    snaps = sorted(d for d in (repo / "snapshots").iterdir() if d.is_dir())
+    if len(snaps) == 1:
+        return snaps[0]
+    raise CheckpointError(
+        f"{repo}: a Hugging Face cache folder with {len(snaps)} snapshots and no usable refs/main; pass the snapshot folder itself"
+    )
 
 
 def read_safetensors(

@@ -54,7 +54,10 @@ class Tokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # transformers raises many types for bad files
-            raise CheckpointError(f"{folder}: cannot read the tokenizer files ({e.__class__.__name__}: {e})") from None
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(
+                f"{folder}: cannot read the tokenizer files ({e.__class__.__name__}: {first_line})"
+            ) from None
         return cls(hf)
 
     @property

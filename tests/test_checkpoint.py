@@ -140,6 +140,22 @@ def test_hf_cache_snapshot(tmp_path, tiny_dir):
     (repo / "refs" / "main").write_text("abc123\n")
     assert resolve_checkpoint_dir(repo) == snap
     assert resolve_checkpoint_dir(snap) == snap
+    # refs/main that is not a file: the only snapshot is used
+    (repo / "refs" / "main").unlink()
+    (repo / "refs" / "main").mkdir()
+    assert resolve_checkpoint_dir(repo) == snap
+    shutil.copytree(tiny_dir, repo / "snapshots" / "def456")
+    with pytest.raises(CheckpointError, match="2 snapshots"):
+        resolve_checkpoint_dir(repo)
+    with pytest.raises(CheckpointError, match="is a file"):
+        resolve_checkpoint_dir(snap / "ema.safetensors")
+
+
+def test_corrupt_tokenizer(ckpt):
+    (ckpt / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="cannot read the tokenizer files") as err:
+        BagelPipeline.from_pretrained(ckpt)
+    assert "\n" not in str(err.value)
 
 
 def test_config_quirks(tmp_path, tiny_dir):
