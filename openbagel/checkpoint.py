@@ -34,8 +34,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     Raises:
         CheckpointError: the folder does not exist or holds no ``llm_config.json``.
     """
-    p = Path(path).expanduser()
-    if not p.exists():
+    try:
+        p = Path(path).expanduser()
+        exists = p.exists()
+    except (OSError, RuntimeError) as e:  # a name too long, '~nouser'
+        raise CheckpointError(f"bad checkpoint path {str(path)[:80]!r}: {e}") from None
+    if not exists:
         raise CheckpointError(
             f"checkpoint folder {str(p)!r} does not exist; pass --model DIR with a BAGEL checkpoint folder"
         )
@@ -85,6 +89,9 @@ def read_safetensors(
         raise CheckpointError(
             f"{file}: not a readable safetensors file ({e}); the file is truncated or corrupt, download it again"
         ) from None
+    for key, t in out.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}; weights must be floating point")
     return out
 
 

@@ -126,6 +126,10 @@ def check_output(path: Path) -> None:
     ext = path.suffix.lower()
     if not _can_write_rgb(Image.registered_extensions().get(ext)):
         raise InvalidInputError(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
+    try:
+        path.resolve(strict=False).parent.is_dir()
+    except (OSError, RuntimeError) as e:
+        raise InvalidInputError(f"bad output path {str(path)[:80]!r}: {e}") from None
     if path.is_dir():
         raise InvalidInputError(f"output path {str(path)!r} is a folder; give a file name")
     parent = path.parent

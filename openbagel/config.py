@@ -27,14 +27,20 @@ RenormType = Literal["global", "channel", "text_channel"]
 OPENBAGEL_EXTRA = "openbagel.json"
 #: File of the golden tiny checkpoint carrying the implicit settings. Optional.
 GOLDEN_EXTRA = "tiny_extra.json"
+#: Sanity bound on layer counts read from a config (BAGEL-7B-MoT has 28).
+MAX_LAYERS = 1024
 
 
 def _positive(obj: Any, *names: str) -> None:
-    """Raise ValueError unless each named field is a positive number (ints stay ints)."""
+    """Raise ValueError unless each named field is a positive finite number,
+    and an integer where the field is declared ``int``."""
     for name in names:
         v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
+        want_int = obj.__dataclass_fields__[name].type == "int"
+        if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)):
+            raise ValueError(f"{name} must be {'an integer' if want_int else 'a number'}, got {v!r}")
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be positive, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,13 @@ class LLMConfig:
     vocab_size: int
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    #: Context length the model was trained for (a warning past it, not a limit).
+    max_position_embeddings: int = 32768
 
     def __post_init__(self) -> None:
         _positive(
             self,
+            "max_position_embeddings",
             "hidden_size",
             "num_layers",
             "num_heads",
@@ -64,6 +73,10 @@ class LLMConfig:
         )
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads")
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(f"num_hidden_layers {self.num_layers} is beyond any BAGEL model (at most {MAX_LAYERS})")
+        if self.rope_theta <= 1:
+            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +112,10 @@ class ViTConfig:
         )
         if self.hidden_size % self.num_heads:
             raise ValueError("vit hidden_size must be a multiple of num_attention_heads")
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(
+                f"vit num_hidden_layers {self.num_layers} is beyond any BAGEL model (at most {MAX_LAYERS})"
+            )
 
     @property
     def num_positions(self) -> int:
@@ -121,6 +138,8 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "out_channels", "base_channels", "num_res_blocks", "z_channels", "scale_factor")
+        if not math.isfinite(self.shift_factor):
+            raise ValueError(f"shift_factor must be a finite number, got {self.shift_factor!r}")
         if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be positive integers, got {self.channel_mult}")
 
@@ -224,6 +243,11 @@ class TextDefaults:
     temperature: float = 0.3
     top_p: float = 1.0
 
+    def __post_init__(self) -> None:
+        _positive(self, "max_new_tokens", "max_think_tokens", "temperature", "top_p")
+        if self.top_p > 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
 
 @dataclass(frozen=True)
 class BagelConfig:
@@ -253,6 +277,24 @@ class BagelConfig:
             raise ValueError(f"connector_act {self.connector_act!r} is not supported (only gelu_pytorch_tanh)")
         if self.position_mode not in ("extrapolate", "interpolate"):
             raise ValueError(f"position_mode must be 'extrapolate' or 'interpolate', got {self.position_mode!r}")
+        if self.vit_transform.stride % self.vit.patch_size:
+            raise ValueError(
+                f"vit_transform stride {self.vit_transform.stride} must be a multiple of the ViT patch size {self.vit.patch_size}"
+            )
+        if self.vae_transform.stride % self.latent_downsample:
+            raise ValueError(
+                f"vae_transform stride {self.vae_transform.stride} must be a multiple of {self.latent_downsample} (VAE downsample x latent patch)"
+            )
+        for task, d in (("t2i", self.t2i), ("edit", self.edit)):
+            if task == "edit" and d.width == d.height == 0:
+                continue  # the input image's size
+            for side in (d.width, d.height):
+                if not (
+                    isinstance(side, int) and 0 < side <= self.max_image_side and side % self.latent_downsample == 0
+                ):
+                    raise ValueError(
+                        f"{task} default size {d.width}x{d.height} must be positive multiples of {self.latent_downsample} up to {self.max_image_side}"
+                    )
 
     @property
     def latent_channels_per_token(self) -> int:
@@ -295,6 +337,7 @@ PRESETS: dict[str, BagelConfig] = {
             num_kv_heads=2,
             intermediate_size=128,
             vocab_size=300,
+            max_position_embeddings=4096,
         ),
         vit=ViTConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=128),
         vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1),
@@ -398,6 +441,7 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
             vocab_size=int(llm["vocab_size"]),
             rope_theta=float(llm.get("rope_theta", 1_000_000.0)),
             rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(llm.get("max_position_embeddings", 32768)),
         )
     with _config_errors(vit_file):
         vit_cfg = ViTConfig(

@@ -11,3 +11,7 @@ class CheckpointError(OpenBagelError):
 
 class InvalidInputError(OpenBagelError, ValueError):
     """A request cannot be served as given (bad size, bad image, bad setting)."""
+
+
+class NumericalError(OpenBagelError):
+    """A computation produced NaN or Inf (extreme settings or broken weights)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from openbagel.config import ImageTransformConfig
@@ -30,12 +30,18 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     if not isinstance(source, (str, Path)):
         raise InvalidInputError(f"expected an image path or a PIL image, got {type(source).__name__}")
     path = Path(source)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise InvalidInputError(f"bad image path {str(path)[:80]!r}...: {e.strerror}") from None
+    if not is_file:
         raise InvalidInputError(f"image file not found: {str(path)!r}")
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            # Camera photos store their rotation in EXIF; the reference ignores
+            # it, we show the model the image the way it is displayed.
+            return to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError:
         raise InvalidInputError(
             f"{path}: the image is too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"

@@ -103,6 +103,18 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidInputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _check_text(name: str, value) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
@@ -196,9 +208,11 @@ def image_settings(
     width = defaults.width if width is None else width
     if not (height == width == 0 and defaults.height == defaults.width == 0):
         check_size(config, height, width)
+    if generator is not None and seed is not None:
+        raise InvalidInputError("pass seed or generator, not both")
     if generator is None:
         generator = make_generator(seed)
-    return ImageSettings(height, width, params, generator)
+    return ImageSettings(height, width, params, _check_generator(generator))
 
 
 def text_sampling(
@@ -326,6 +340,7 @@ class BagelPipeline:
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
         _check_text("prompt", prompt)
+        _check_flag("think", think)
         chat = self.chat(THINK_GENERATE_PROMPT if think else None)
         chat.add_text(prompt)
         return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
@@ -362,6 +377,7 @@ class BagelPipeline:
             InvalidInputError: no image given, unreadable image, bad settings.
         """
         _check_text("prompt", prompt)
+        _check_flag("think", think)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         inputs = [image, *images] if image is not None else list(images)
@@ -436,6 +452,7 @@ class BagelPipeline:
         params = self.text_sampling(max_new_tokens, do_sample, temperature, top_p, think=think)
         generator = make_generator(seed)
         _check_text("question", question)
+        _check_flag("think", think)
         chat = self.chat(THINK_UNDERSTAND_PROMPT if think else None)
         for img in loaded:
             chat.add_image(img, vae=False)
@@ -456,13 +473,17 @@ class Chat:
     def __init__(self, pipe: BagelPipeline, system_prompt: str | None = None):
         self.pipe = pipe
         self.session = Session(pipe.model, pipe.tokenizer.special)
+        if system_prompt is not None:
+            _check_text("system_prompt", system_prompt)
         if system_prompt:
             self.session.add_text(pipe.tokenizer.encode(system_prompt), user=False)
 
     @torch.inference_mode()
     def add_text(self, text: str) -> None:
         """A user text."""
-        self.session.add_text(self.pipe.tokenizer.encode(_check_text("text", text)))
+        ids = self.pipe.tokenizer.encode(_check_text("text", text))
+        with self.session.transaction():
+            self.session.add_text(ids)
 
     @torch.inference_mode()
     def add_image(self, image: ImageInput, *, vae: bool = True, vit: bool = True) -> tuple[int, int]:
@@ -471,8 +492,13 @@ class Chat:
         The image is first resized for the VAE path (also when only the ViT
         path is used, as the reference does). Returns that ``(width, height)``.
         """
+        img = resize(load_image(image), self.pipe.config.vae_transform)
+        with self.session.transaction():
+            self._add_resized_image(img, vae, vit)
+        return img.size
+
+    def _add_resized_image(self, img: Image.Image, vae: bool, vit: bool) -> None:
         cfg, model = self.pipe.config, self.pipe.model
-        img = resize(load_image(image), cfg.vae_transform)
         if vae:
             pixels = to_tensor(img)[None].to(self.pipe.device)
             latent = self.pipe.vae.encode(pixels)[0].float()
@@ -487,13 +513,15 @@ class Chat:
                 pixels.shape[1] // p, pixels.shape[2] // p, cfg.vit_max_num_patch_per_side, cfg.position_mode
             )
             self.session.add_vit_image(patchify(pixels, p).to(model.dtype), pos)
-        return img.size
 
     def reply_stream(
         self, params: TextSampling | None = None, generator: torch.Generator | None = None, remember: bool = True
     ) -> Iterator[str]:
         """Decode the model's answer as text pieces; with ``remember`` the answer joins the context."""
         params = params or self.pipe.text_sampling()
+        if not isinstance(params, TextSampling):
+            raise InvalidInputError("params must be a TextSampling (see pipe.text_sampling(...))")
+        _check_generator(generator)
         ids: list[int] = []
 
         def tokens() -> Iterator[int]:
@@ -506,7 +534,7 @@ class Chat:
 
         yield from self.pipe.tokenizer.stream(tokens())
         if remember:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.session.transaction():
                 self.session.add_text(ids, user=False)
 
     def reply(self, params: TextSampling | None = None, generator: torch.Generator | None = None) -> str:
@@ -525,6 +553,15 @@ class Chat:
         """Generate an image from the conversation so far and feed it back into it."""
         pipe = self.pipe
         s = settings or pipe.image_settings(pipe.config.t2i)
+        if not isinstance(s, ImageSettings):
+            raise InvalidInputError("settings must come from pipe.image_settings(...)")
+        with self.session.transaction():
+            return self._generate_image(s, think, max_think_tokens, progress)
+
+    def _generate_image(
+        self, s: ImageSettings, think: bool, max_think_tokens: int | None, progress: bool
+    ) -> ImageResult:
+        pipe = self.pipe
         reasoning = None
         if think:
             params = pipe.text_sampling(max_think_tokens, think=True)
@@ -538,5 +575,5 @@ class Chat:
         p, down = pipe.config.latent_patch_size, pipe.config.latent_downsample
         latent = unpatchify(latents, s.height // down, s.width // down, p)[None]
         image = to_pil(pipe.vae.decode(latent)[0])
-        self.add_image(image)
+        self._add_resized_image(resize(image, pipe.config.vae_transform), vae=True, vit=True)
         return ImageResult([image], reasoning)

@@ -3,6 +3,7 @@ checkpoint folder) and the special ids the contexts need (spec section 3)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ SPECIAL_TOKENS = {
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
+log = logging.getLogger(__name__)
+
 
 class Tokenizer:
     """Text <-> token ids, plus BAGEL's special ids by name.
@@ -31,7 +34,14 @@ class Tokenizer:
         self.hf = hf_tokenizer
         missing = [tok for tok in SPECIAL_TOKENS.values() if tok not in self.hf.get_vocab()]
         if missing:
+            # As the reference does; a released BAGEL tokenizer has them all, so
+            # this usually means the tokenizer files belong to another model.
             self.hf.add_tokens(missing, special_tokens=True)
+            log.warning(
+                "tokenizer lacked %s; added them with new ids (%s)",
+                missing,
+                [self.hf.convert_tokens_to_ids(t) for t in missing],
+            )
         vocab = self.hf.get_vocab()
         self.ids = {name: vocab[tok] for name, tok in SPECIAL_TOKENS.items()}
         self.special = SpecialIds(**self.ids)
@@ -53,6 +63,7 @@ class Tokenizer:
 
         try:
             hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            hf.encode("probe <|im_start|>", add_special_tokens=False)  # some broken files fail only here
         except Exception as e:  # transformers raises many types for bad files
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CheckpointError(

@@ -64,8 +64,27 @@ def test_malformed_json(ckpt):
         (
             "openbagel.json",
             '{"vae_transform": {"max_size": 256, "min_size": 64, "stride": 0}}',
-            "stride must be a positive number",
+            "stride must be positive, got 0",
         ),
+        ("openbagel.json", '{"max_latent_size": 64.0}', "max_latent_size must be an integer"),
+        (
+            "openbagel.json",
+            '{"vit_transform": {"max_size": 224, "min_size": 56, "stride": 7}}',
+            "multiple of the ViT patch size 14",
+        ),
+        (
+            "openbagel.json",
+            '{"vae_transform": {"max_size": 256, "min_size": 64, "stride": 24}}',
+            "must be a multiple of 16",
+        ),
+        ("openbagel.json", '{"t2i": {"width": 0, "height": 0}}', "t2i default size 0x0"),
+        ("openbagel.json", '{"edit": {"width": 17}}', "edit default size 17x0"),
+        (
+            "openbagel.json",
+            '{"text": {"max_new_tokens": -1}}',
+            r"openbagel.json: invalid setting \(max_new_tokens must be positive",
+        ),
+        ("openbagel.json", '{"vae": {"shift_factor": NaN}}', "shift_factor must be a finite number"),
         ("openbagel.json", '{"position_mode": "weird"}', "position_mode must be"),
         ("openbagel.json", '{"vae": {"colour": 1}}', "openbagel.json: invalid setting"),
         ("openbagel.json", "[]", "expected a JSON object"),
@@ -85,7 +104,12 @@ def test_config_with_zero_heads(ckpt):
     data = json.loads((ckpt / "llm_config.json").read_text())
     data["num_attention_heads"] = 0
     (ckpt / "llm_config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="num_heads must be a positive number"):
+    with pytest.raises(CheckpointError, match="num_heads must be positive"):
+        config_from_checkpoint(ckpt)
+    data["num_attention_heads"] = 4
+    data["num_hidden_layers"] = 1_000_000_000
+    (ckpt / "llm_config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="beyond any BAGEL model"):
         config_from_checkpoint(ckpt)
 
 
@@ -175,3 +199,24 @@ def test_config_quirks(tmp_path, tiny_dir):
     shutil.copy(tiny_dir / "tiny_extra.json", tmp_path / "tiny_extra.json")
     golden = config_from_checkpoint(tmp_path)
     assert golden.vae == preset("tiny-golden").vae and golden.t2i == published.t2i
+
+
+def test_integer_weights_refused(ckpt):
+    sd = load_file(ckpt / "ema.safetensors")
+    sd["vae2llm.bias"] = sd["vae2llm.bias"].to(torch.int64)
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="'vae2llm.bias' has dtype torch.int64"):
+        load_model(ckpt)
+
+
+def test_tokenizer_of_the_wrong_kind(ckpt):
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "BertTokenizer"
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="cannot read the tokenizer files"):
+        BagelPipeline.from_pretrained(ckpt)
+
+
+def test_overlong_model_path(tmp_path):
+    with pytest.raises(CheckpointError, match="bad checkpoint path"):
+        resolve_checkpoint_dir(tmp_path / ("m" * 300))

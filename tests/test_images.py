@@ -92,3 +92,17 @@ def test_tensor_mapping():
     assert np.asarray(to_pil(t)).tolist() == [[[0, 128, 255]]]
     # 0.0 -> 127.5 -> 127: truncation, as the reference does
     assert np.asarray(to_pil(torch.zeros(3, 1, 1))).tolist() == [[[127, 127, 127]]]
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+def test_overlong_path(tmp_path):
+    with pytest.raises(InvalidInputError, match="bad image path"):
+        load_image(tmp_path / ("a" * 300 + ".png"))

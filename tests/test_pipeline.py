@@ -229,3 +229,56 @@ def test_chat_images_in_and_out(pipe):
     # [BOS] text [EOS], then the generated image fed back through both paths:
     # 4x4 latent tokens + 2 markers, and 5x5 ViT patches (64 px -> 70 px at stride 14) + 2 markers
     assert n == 2 + len("draw a cube") + 16 + 2 + 25 + 2
+
+
+def test_nonfinite_results_are_errors(pipe):
+    from openbagel.errors import NumericalError
+
+    with pytest.raises(NumericalError, match="NaN/Inf"):
+        pipe.text_to_image("x", guidance_scale=1e300, **FAST)
+
+
+def test_failed_step_leaves_the_chat_unchanged(pipe, monkeypatch):
+    chat = pipe.chat()
+    chat.add_text("hello")
+    before = (chat.session.full.cache.length, chat.session.full.rope, chat.session.image_free_is_full)
+    calls = {"n": 0}
+    real = type(pipe.model).forward
+
+    def flaky(self, inp, cache=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the ViT segment, after the VAE segment went in
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, inp, cache)
+
+    monkeypatch.setattr(type(pipe.model), "forward", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        chat.add_image(Image.new("RGB", (64, 48)))
+    monkeypatch.undo()
+    assert (chat.session.full.cache.length, chat.session.full.rope, chat.session.image_free_is_full) == before
+    chat.add_image(Image.new("RGB", (64, 48)))  # and it still works
+    assert chat.session.full.cache.length == before[0] + 22 + 32
+
+
+def test_api_misuse_is_named(pipe):
+    with pytest.raises(InvalidInputError, match="do_sample must be True or False"):
+        pipe.understand(None, "x", do_sample="no")
+    with pytest.raises(InvalidInputError, match="think must be True or False"):
+        pipe.understand(None, "x", think="no")
+    with pytest.raises(InvalidInputError, match="pass seed or generator, not both"):
+        pipe.text_to_image("x", seed=0, generator=torch.Generator())
+    with pytest.raises(InvalidInputError, match="generator must be a torch.Generator"):
+        pipe.text_to_image("x", generator=5)
+    with pytest.raises(InvalidInputError, match="system_prompt must be a string"):
+        pipe.chat(123)
+    with pytest.raises(InvalidInputError, match="params must be a TextSampling"):
+        pipe.chat().reply({"max_new_tokens": 3})
+    with pytest.raises(InvalidInputError, match="settings must come from"):
+        pipe.chat().generate_image({"height": 64})
+
+
+def test_context_length_warning(pipe, caplog):
+    chat = pipe.chat()
+    with caplog.at_level("WARNING"):
+        chat.add_text("a" * 4100)  # the tiny model was trained to 4096 positions
+    assert "passed 4096 positions" in caplog.text

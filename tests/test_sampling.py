@@ -106,6 +106,11 @@ def test_sample_token():
     draws = [sample_token(logits, q, torch.Generator().manual_seed(s)) for s in range(40)]
     assert draws == [sample_token(logits, q, torch.Generator().manual_seed(s)) for s in range(40)]
     assert set(draws) <= {0, 1, 2} and {1, 2} <= set(draws)
+    # extreme but valid settings stay finite
+    tiny_t = TextSampling(do_sample=True, temperature=1e-40)
+    assert sample_token(logits, tiny_t, torch.Generator().manual_seed(0)) == 1
+    tiny_p = TextSampling(do_sample=True, top_p=1e-50)
+    assert sample_token(logits, tiny_p, torch.Generator().manual_seed(0)) == 1
     with pytest.raises(InvalidInputError, match="temperature"):
         TextSampling(do_sample=True, temperature=0)
     with pytest.raises(InvalidInputError, match="top_p"):

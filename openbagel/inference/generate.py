@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from openbagel.errors import NumericalError
 from openbagel.inference.sampling import (
     ImageSampling,
     TextSampling,
@@ -48,6 +49,8 @@ def decode_tokens(
     for _ in range(params.max_new_tokens):
         hidden = append(model, ctx, text_segment([token], ctx.rope, ctx.device), 1)
         logits = model.logits(hidden[-1:])[0]
+        if not torch.isfinite(logits).all():
+            raise NumericalError("the model produced NaN/Inf logits; the weights or the settings are out of range")
         if on_logits is not None:
             on_logits(logits)
         token = sample_token(logits, params, generator)
@@ -145,4 +148,8 @@ def generate_latents(
         if on_step is not None:
             on_step(FlowStep(i, float(t), x, v, v_t, v_i, guided))
         x = euler_step(x, guided, ts[i], ts[i + 1])
+    if not torch.isfinite(x).all():
+        raise NumericalError(
+            "image generation produced NaN/Inf values; lower extreme settings (guidance, shift) or check the weights"
+        )
     return x

@@ -40,6 +40,8 @@ class TextSampling:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(self.do_sample, bool):
+            raise InvalidInputError(f"do_sample must be True or False, got {self.do_sample!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise InvalidInputError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
@@ -59,14 +61,18 @@ def sample_token(logits: Tensor, params: TextSampling, generator: torch.Generato
     """Next token from ``[vocab]`` logits: argmax, or temperature + top-p (nucleus) sampling."""
     if not params.do_sample:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    # subtracting the max first keeps tiny temperatures finite (the best token gets exp(0))
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always the best token)
         drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        drop[0] = False  # a top_p below float32 resolution must not drop everything
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    device = generator.device if generator is not None else probs.device
+    return int(torch.multinomial(probs.to(device), 1, generator=generator))
 
 
 # --- flow -------------------------------------------------------------------------

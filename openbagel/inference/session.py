@@ -15,6 +15,9 @@ Spec section 7 gives the recipes built on these.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,8 @@ from torch import Tensor
 from openbagel.kv_cache import KVCache
 from openbagel.model.bagel import Bagel, SequenceInput
 from openbagel.packing import SpecialIds, latent_segment, text_segment, vit_segment
+
+log = logging.getLogger(__name__)
 
 #: Most text tokens prefilled in one forward.
 PREFILL_CHUNK = 1024
@@ -54,6 +59,9 @@ def append(model: Bagel, ctx: Context, seg: SequenceInput, rope_advance: int) ->
     """Run ``seg`` over ``ctx``, keep its keys/values and advance the counter. Returns hidden ``[L, D]``."""
     hidden = model(seg, ctx.cache)
     ctx.cache.commit(seg.length)
+    limit = model.config.llm.max_position_embeddings
+    if ctx.rope < limit <= ctx.rope + rope_advance:
+        log.warning("the context passed %d positions, the length the model was trained for; quality may drop", limit)
     ctx.rope += rope_advance
     return hidden
 
@@ -127,6 +135,25 @@ class Session:
         """A fork of the text-free context (see the module docstring)."""
         length, rope = self._mark
         return self.full.fork(length, rope)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Undo everything added inside the block if it raises (an error or
+        Ctrl-C mid-way leaves the conversation as it was). Caches only grow,
+        so undoing is resetting lengths and counters."""
+        full = (self.full.cache.length, self.full.rope)
+        free = None if self._image_free is None else (self._image_free.cache.length, self._image_free.rope)
+        mark = self._mark
+        try:
+            yield
+        except BaseException:
+            self.full.cache.length, self.full.rope = full
+            if free is None:
+                self._image_free = None
+            else:
+                self._image_free.cache.length, self._image_free.rope = free
+            self._mark = mark
+            raise
 
     def fork(self) -> Session:
         """An independent copy of the whole conversation."""
