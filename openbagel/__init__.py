@@ -7,7 +7,7 @@ Public API::
 """
 
 from openbagel.config import BagelConfig, config_from_checkpoint, preset
-from openbagel.errors import CheckpointError, InvalidInputError, OpenBagelError
+from openbagel.errors import CheckpointError, InvalidInputError, NumericalError, OpenBagelError
 from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.pipeline import BagelPipeline, Chat, ImageResult, TextResult
 
@@ -21,6 +21,7 @@ __all__ = [
     "ImageResult",
     "ImageSampling",
     "InvalidInputError",
+    "NumericalError",
     "OpenBagelError",
     "TextResult",
     "TextSampling",

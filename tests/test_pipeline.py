@@ -203,6 +203,17 @@ def test_chunked_prefill_is_exact(pipe, monkeypatch):
     torch.testing.assert_close(chunked.full.cache.values(1), whole.full.cache.values(1), rtol=1e-5, atol=1e-5)
 
 
+def test_session_fork_is_independent(pipe):
+    s = _session(pipe)
+    s.add_text([1, 2, 3])
+    branch = s.fork()
+    branch.add_vit_image(torch.zeros(4, 588), torch.arange(4))
+    branch.add_text([4])
+    assert (s.full.cache.length, s.full.rope, s.image_free_is_full) == (5, 5, True)
+    assert (branch.full.cache.length, branch.image_free.cache.length) == (5 + 6 + 3, 5 + 3)
+    torch.testing.assert_close(branch.full.cache.keys(0)[:5], s.full.cache.keys(0))
+
+
 def test_image_free_shortcut_equals_separate_context(pipe):
     """While image-free == full, v_i is taken from v; a real separate copy gives the same latents."""
     params = ImageSampling(num_timesteps=3, guidance_scale=4.0, image_guidance_scale=1.5)
