@@ -196,3 +196,24 @@ def test_sample_attention_mask_matches_reference(golden_dir):
     for i, (lens, modes) in enumerate(samples):
         ref = data[f"in_nested_attention_mask_{i}"] == 0
         assert torch.equal(sample_attention_mask(lens, modes), ref), i
+
+
+@torch.no_grad()
+def test_vae_encode_mean_or_sample(tiny_dir):
+    from openbagel.checkpoint import load_vae
+
+    vae = load_vae(tiny_dir)
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = vae.encode(x)
+    assert mean.shape == (1, 16, 4, 6)
+    torch.testing.assert_close(mean, vae.encode(x))  # deterministic by default
+    a = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
+    b = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, mean)
+    # the posterior sample is mean + std * eps, in BAGEL's scaled latent space
+    eps = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    m, logvar = vae.moments(x).chunk(2, dim=1)
+    torch.testing.assert_close(a, 0.3611 * (m + torch.exp(0.5 * logvar) * eps - 0.1159))
+    # decode inverts the scaling: decode(encode) has the input's shape
+    assert vae.decode(mean).shape == (1, 3, 32, 48)
