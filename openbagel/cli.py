@@ -314,7 +314,11 @@ def understand(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
-    """Answer a question about an image; the answer streams to stdout (with --think, reasoning then answer)."""
+    """Answer a question about an image; the answer streams to stdout.
+
+    With --think the model reasons first: its reasoning is printed on a 'reasoning:' line
+    (when it closes it with </think>), then the answer.
+    """
 
     def body():
         from openbagel.images import load_image
@@ -343,7 +347,7 @@ def understand(
 
 CHAT_HELP = """commands:
   /image PATH        add an image to the conversation
-  /generate [FILE]   generate an image from the conversation (default file chat_N.png)
+  /generate [FILE]   generate an image from the conversation (default chat_N.png, N = images generated so far)
   /reset             start a new conversation
   /help              this help
   /quit              leave (Ctrl-D works too)
