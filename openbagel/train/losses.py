@@ -46,8 +46,8 @@ def mse_per_element(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def reduce_losses(
-    ce: Tensor | None,
-    mse: Tensor | None,
+    ce: Tensor,
+    mse: Tensor,
     num_ce_tokens: int,
     num_mse_tokens: int,
     ce_weight: float = 1.0,
@@ -56,11 +56,11 @@ def reduce_losses(
     """Means as the reference takes them: CE summed over tokens / number of CE
     tokens, MSE averaged over channels, summed over tokens / number of MSE
     tokens. Pass the token counts of all ranks so every rank has the same scale.
+    Empty ``ce`` (``[0]``) or ``mse`` (``[0, C]``) give a loss of 0.
 
     Returns:
         ``(total, ce_mean, mse_mean)``, with ``total = ce_weight*ce + mse_weight*mse``.
     """
-    zero = torch.zeros(())
-    ce_mean = ce.sum() / max(num_ce_tokens, 1) if ce is not None else zero
-    mse_mean = mse.mean(-1).sum() / max(num_mse_tokens, 1) if mse is not None else zero
+    ce_mean = ce.sum() / max(num_ce_tokens, 1)
+    mse_mean = mse.mean(-1).sum() / max(num_mse_tokens, 1) if mse.numel() else mse.sum()
     return ce_weight * ce_mean + mse_weight * mse_mean, ce_mean, mse_mean
