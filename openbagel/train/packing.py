@@ -34,11 +34,14 @@ class TextSplit:
         loss: train on it: ``[BOS] text`` predict ``text [EOS]``.
         eos_label: if set, the EOS position predicts this id (for example
             ``<|vision_start|>`` when an image follows).
+        condition: a conditioning input that condition dropout may remove
+            (so the unconditional branches of guidance get trained).
     """
 
     ids: list[int]
     loss: bool = False
     eos_label: int | None = None
+    condition: bool = False
 
 
 @dataclass
@@ -50,11 +53,13 @@ class ImageSplit:
             multiples of the ViT patch or of the VAE downsample x latent patch).
         path: ``"vit"`` (understanding tokens) or ``"vae"`` (latent tokens, generation expert).
         loss: a VAE image to generate (a ``noise`` split) instead of a clean one.
+        condition: a conditioning image that condition dropout may remove.
     """
 
     pixels: Tensor
     path: str = "vae"
     loss: bool = False
+    condition: bool = False
 
     def __post_init__(self) -> None:
         if self.path not in ("vit", "vae"):
@@ -65,6 +70,26 @@ class ImageSplit:
 
 Split = TextSplit | ImageSplit
 Sample = list[Split]
+
+
+@dataclass(frozen=True)
+class CondDropout:
+    """Probabilities of dropping a conditioning split while packing (the reference's defaults)."""
+
+    text: float = 0.1
+    vit: float = 0.3
+    vae: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("text", "vit", "vae"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"condition dropout {name} must be in [0, 1], got {getattr(self, name)}")
+
+    def drops(self, split: Split, rng: torch.Generator | None) -> bool:
+        if not split.condition:
+            return False
+        p = self.text if isinstance(split, TextSplit) else getattr(self, split.path)
+        return p > 0 and torch.rand((), generator=rng).item() < p
 
 
 @dataclass
@@ -151,8 +176,18 @@ class PackedBatch:
         return inp, slot.to(device)
 
 
-def pack(samples: list[Sample], config: BagelConfig, special: SpecialIds) -> PackedBatch:
+def pack(
+    samples: list[Sample],
+    config: BagelConfig,
+    special: SpecialIds,
+    dropout: CondDropout | None = None,
+    rng: torch.Generator | None = None,
+) -> PackedBatch:
     """Pack samples into one sequence the way the reference packer does.
+
+    With ``dropout``, conditioning splits are dropped at random (from ``rng``):
+    a dropped text advances nothing, a dropped image still advances the
+    rotary counter by 1 (as the reference does).
 
     Raises:
         ValueError: an image whose size does not fit its path's patch grid.
@@ -173,6 +208,9 @@ def pack(samples: list[Sample], config: BagelConfig, special: SpecialIds) -> Pac
         lens, modes = [], []
         start = cur
         for split in sample:
+            if dropout is not None and dropout.drops(split, rng):
+                rope += 0 if isinstance(split, TextSplit) else 1
+                continue
             if isinstance(split, TextSplit):
                 n = len(split.ids) + 2
                 text_ids += [special.bos, *split.ids, special.eos]

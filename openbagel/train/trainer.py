@@ -1,0 +1,256 @@
+"""Optimisation around :func:`~openbagel.train.step.compute_losses`:
+initialisation, freezing, AdamW with warm-up and a constant or cosine
+schedule, gradient accumulation, clipping, and an optional EMA copy.
+
+Parallelism (FSDP2 / DDP) is applied to the model from outside; this module
+only needs ``model.parameters()`` and a way to sum token counts over ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from openbagel.config import BagelConfig
+from openbagel.model.bagel import Bagel
+from openbagel.model.layers import RMSNorm
+from openbagel.model.vae import BagelVAE
+from openbagel.train.packing import PackedBatch
+from openbagel.train.step import compute_losses
+
+log = logging.getLogger(__name__)
+
+FreezePart = Literal["llm", "vit", "und"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule and loss settings of a run.
+
+    Attributes:
+        lr: peak learning rate, reached after ``warmup_steps``.
+        schedule: ``constant`` after warm-up, or ``cosine`` decay to ``min_lr`` at ``max_steps``.
+        grad_clip: max global gradient norm (0 = no clipping).
+        ema_decay: keep an EMA copy of the trained weights (None = off).
+        timestep_shift: training shift of the flow times (1.0 = none).
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    schedule: Literal["constant", "cosine"] = "constant"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float | None = None
+    timestep_shift: float = 1.0
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not self.lr > 0 or self.max_steps < 1 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0, max_steps >= 1 and warmup_steps >= 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# --- initialisation ------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_weights(model: Bagel, std: float = 0.02, seed: int = 0) -> Bagel:
+    """Random initialisation for training from scratch: linear and embedding
+    weights ``N(0, std)``, biases 0, norm scales 1; then the generation
+    expert becomes a copy of the understanding expert (as the paper does)."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+    copy_understanding_to_generation(model)
+    return model
+
+
+@torch.no_grad()
+def copy_understanding_to_generation(model: Bagel) -> None:
+    """Set every ``*_moe_gen`` weight to its understanding twin."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if "_moe_gen" in name:
+            p.copy_(params[name.replace("_moe_gen", "")])
+
+
+def freeze(model: Bagel, parts: Sequence[FreezePart]) -> None:
+    """Stop training parts of the model: ``llm`` (the whole language model),
+    ``vit`` (vision tower and connector), ``und`` (the understanding expert of
+    every layer, its norms and the text embeddings/head). The VAE is never trained.
+
+    Raises:
+        ValueError: an unknown part name.
+    """
+    unknown = set(parts) - {"llm", "vit", "und"}
+    if unknown:
+        raise ValueError(f"unknown freeze part(s) {sorted(unknown)}; choose from llm, vit, und")
+    for name, p in model.named_parameters():
+        in_llm = name.startswith("language_model.")
+        if ("llm" in parts and in_llm) or ("vit" in parts and name.startswith(("vit_model.", "connector."))):
+            p.requires_grad_(False)
+        elif "und" in parts and in_llm and "_moe_gen" not in name:
+            p.requires_grad_(False)
+
+
+class EMA:
+    """Exponential moving average of the trainable weights (float32 copies)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n].to(p.dtype))
+
+
+@dataclass
+class StepStats:
+    """What one optimiser step did."""
+
+    step: int
+    loss: float
+    loss_ce: float
+    loss_mse: float
+    num_ce_tokens: int
+    num_mse_tokens: int
+    num_tokens: int
+    lr: float
+    grad_norm: float
+
+
+class Trainer:
+    """One optimiser step over one or more packed batches (gradient accumulation).
+
+    Args:
+        model: the model to train (its ``requires_grad`` flags say what trains).
+        vae: the frozen autoencoder.
+        cfg: optimiser and loss settings.
+        generator: source of timesteps, noise and posterior samples.
+        all_reduce_sum: sums an int over ranks (identity on one process);
+            token counts are normalised over all ranks and accumulation steps,
+            so every part of the gradient has the same scale (spec section 8).
+    """
+
+    def __init__(
+        self,
+        model: Bagel,
+        vae: BagelVAE,
+        cfg: OptimConfig,
+        generator: torch.Generator | None = None,
+        all_reduce_sum: Callable[[int], int] = lambda n: n,
+    ):
+        self.model, self.vae, self.cfg = model, vae, cfg
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.all_reduce_sum = all_reduce_sum
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("nothing to train: every parameter is frozen")
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        self.step_count = 0
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        if cfg.ema_decay is not None and cfg.max_steps < 5000 and cfg.ema_decay >= 0.999:
+            log.warning(
+                "EMA decay %s averages over about %d steps, more than this run's %d: the EMA weights will barely move",
+                cfg.ema_decay,
+                round(1 / (1 - cfg.ema_decay)),
+                cfg.max_steps,
+            )
+
+    def step(self, batches: Sequence[PackedBatch]) -> StepStats:
+        """Accumulate gradients over ``batches`` and take one optimiser step."""
+        self.model.train()
+        n_ce = self.all_reduce_sum(sum(b.num_ce_tokens for b in batches))
+        n_mse = self.all_reduce_sum(sum(b.num_mse_tokens for b in batches))
+        lr = lr_at(self.step_count, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = ce = mse = 0.0
+        for batch in batches:
+            losses = compute_losses(
+                self.model,
+                self.vae,
+                batch,
+                timestep_shift=self.cfg.timestep_shift,
+                ce_weight=self.cfg.ce_weight,
+                mse_weight=self.cfg.mse_weight,
+                num_ce_tokens=n_ce,
+                num_mse_tokens=n_mse,
+                generator=self.generator,
+            )
+            losses.total.backward()
+            total, ce, mse = total + losses.total.item(), ce + losses.ce.item(), mse + losses.mse.item()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = _clip(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step_count += 1
+        return StepStats(
+            step=self.step_count,
+            loss=total,
+            loss_ce=ce,
+            loss_mse=mse,
+            num_ce_tokens=n_ce,
+            num_mse_tokens=n_mse,
+            num_tokens=sum(b.length for b in batches),
+            lr=lr,
+            grad_norm=grad_norm,
+        )
+
+
+def _clip(params: list[Tensor], max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def new_model(config: BagelConfig, seed: int = 0) -> Bagel:
+    """A freshly initialised model for training from scratch (float32, CPU)."""
+    return init_weights(Bagel(config), seed=seed)
