@@ -191,3 +191,104 @@ def load_vae(
         vae = BagelVAE(config.vae)
     vae.ae.load_state_dict(to_diffusers_state_dict(sd, config.vae), strict=True, assign=True)
     return vae.eval()
+
+
+# --- export ----------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def llm_config_json(config: BagelConfig) -> dict:
+    """``llm_config.json`` in the published (Qwen2) form."""
+    c = config.llm
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "vocab_size": c.vocab_size,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "qk_norm": True,
+        "layer_module": "Qwen2MoTDecoderLayer",
+    }
+
+
+def vit_config_json(config: BagelConfig) -> dict:
+    """``vit_config.json`` in the published (SigLIP) form: it declares one layer
+    more than is built, as the published file does."""
+    c = config.vit
+    return {
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers + 1,
+        "num_attention_heads": c.num_heads,
+        "patch_size": c.patch_size,
+        "image_size": c.image_size,
+        "layer_norm_eps": c.layer_norm_eps,
+        "num_channels": 3,
+    }
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: Bagel,
+    vae: BagelVAE,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a checkpoint folder in the official layout that :func:`load_model`,
+    :func:`load_vae` and the reference code read: ``ema.safetensors``,
+    ``ae.safetensors`` (FLUX key layout), ``llm_config.json``,
+    ``vit_config.json``, our ``openbagel.json`` (the settings the published
+    folder leaves implicit) and the tokenizer files copied from ``tokenizer_dir``.
+
+    Each file is written to a temporary name and renamed, so a crash never
+    leaves a half-written file under the final name.
+
+    Args:
+        dtype: store the weights in this dtype (default: as they are).
+    """
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from openbagel.config import OPENBAGEL_EXTRA, openbagel_extra
+    from openbagel.model.vae import to_flux_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def tensors(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in sd.items()}
+
+    def write(name: str, writer) -> None:
+        tmp = folder / f".{name}.tmp"
+        writer(tmp)
+        os.replace(tmp, folder / name)
+
+    config = model.config
+    write(MODEL_FILE, lambda p: save_file(tensors(model.state_dict()), str(p)))
+    write(VAE_FILE, lambda p: save_file(tensors(to_flux_state_dict(vae.ae.state_dict(), config.vae)), str(p)))
+    for name, content in (
+        ("llm_config.json", llm_config_json(config)),
+        ("vit_config.json", vit_config_json(config)),
+        (OPENBAGEL_EXTRA, openbagel_extra(config)),
+    ):
+        write(name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n"))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                write(name, lambda p, n=name: shutil.copyfile(Path(tokenizer_dir) / n, p))
+    return folder

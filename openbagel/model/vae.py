@@ -97,6 +97,22 @@ def to_diffusers_state_dict(flux_sd: dict[str, Tensor], cfg: VAEConfig) -> dict[
     return convert_ldm_vae_checkpoint(dict(flux_sd), _diffusers_config(cfg))
 
 
+def to_flux_state_dict(diffusers_sd: dict[str, Tensor], cfg: VAEConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`to_diffusers_state_dict`: diffusers names -> the FLUX layout.
+
+    The mapping is read off diffusers' own converter: every FLUX tensor is
+    labelled with its index, converted, and the labels found again.
+    """
+    shapes = flux_ae_shapes(cfg)
+    names = list(shapes)
+    labelled = {n: torch.full(shapes[n], float(i)) for i, n in enumerate(names)}
+    mapping = {d: names[int(t.reshape(-1)[0])] for d, t in to_diffusers_state_dict(labelled, cfg).items()}
+    missing = set(diffusers_sd) ^ set(mapping)
+    if missing:
+        raise ValueError(f"VAE state dict does not fit the FLUX layout: {sorted(missing)[:5]}")
+    return {mapping[d]: t.reshape(shapes[mapping[d]]).contiguous() for d, t in diffusers_sd.items()}
+
+
 class BagelVAE(nn.Module):
     """FLUX autoencoder with BAGEL's latent scaling.
 
