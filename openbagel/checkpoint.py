@@ -182,7 +182,8 @@ def load_vae(
     Raises:
         CheckpointError: missing/corrupt file, or tensors that do not fit.
     """
-    folder = resolve_checkpoint_dir(folder)
+    # with an explicit config, any folder holding ae.safetensors will do
+    folder = Path(folder) if config is not None else resolve_checkpoint_dir(folder)
     config = config or config_from_checkpoint(folder)
     file = folder / VAE_FILE
     sd = read_safetensors(file, dtype=dtype, device=device)

@@ -1,0 +1,305 @@
+"""A training run from a YAML config: model, data mix, packing, optimiser,
+logging and export. ``openbagel train CONFIG`` calls :func:`train`.
+
+Config (paths relative to the config file)::
+
+    model:
+      init: scratch              # or a checkpoint folder (loaded strictly)
+      preset: tiny-golden        # with init: scratch, the architecture
+      assets: ../tests/golden/tiny-random   # tokenizer + ae.safetensors (scratch runs)
+      freeze: []                 # any of llm, vit, und
+    data:
+      - {kind: t2i_parquet, path: data/t2i.parquet, weight: 2}
+      - {kind: edit_parquet, path: data/edit.parquet}
+      - {kind: llava_jsonl, path: data/chat.jsonl}
+      - {kind: demo, count: 200}  # coloured shapes made in memory
+    batch: {max_tokens: 2048, accumulation: 1}
+    dropout: {text: 0.1, vit: 0.3, vae: 0.3}
+    optim: {lr: 1e-4, warmup_steps: 10, max_steps: 100, schedule: cosine}
+    log_every: 10
+    seed: 0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir, save_checkpoint
+from openbagel.config import BagelConfig, config_from_checkpoint, preset
+from openbagel.errors import OpenBagelError
+from openbagel.model.bagel import Bagel
+from openbagel.tokenizer import Tokenizer
+from openbagel.train.data import (
+    DataError,
+    RecordSource,
+    SampleBuilder,
+    read_conversations,
+    read_edit,
+    read_text_to_image,
+)
+from openbagel.train.packing import CondDropout, ImageSplit, PackedBatch, Sample, pack
+from openbagel.train.trainer import OptimConfig, Trainer, freeze, init_weights
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(OpenBagelError):
+    """A training config that cannot be used; the message names the field."""
+
+
+@dataclass
+class RunResult:
+    steps: int
+    checkpoint: Path
+    last: dict[str, float]
+
+
+def load_run_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML run config.
+
+    Raises:
+        ConfigError: unreadable file, not YAML, or not a mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"training config {str(path)!r} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable YAML file ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, optim, ...)")
+    unknown = set(data) - {"model", "data", "batch", "dropout", "optim", "log_every", "save_every", "seed"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    return data
+
+
+def sample_length(sample: Sample, config: BagelConfig) -> int:
+    """Tokens a sample takes in a packed sequence."""
+    n = 0
+    for split in sample:
+        if isinstance(split, ImageSplit):
+            unit = config.vit.patch_size if split.path == "vit" else config.latent_downsample
+            n += (split.pixels.shape[1] // unit) * (split.pixels.shape[2] // unit) + 2
+        else:
+            n += len(split.ids) + 2
+    return n
+
+
+def demo_records(count: int, seed: int) -> Callable[[], Iterator[dict]]:
+    """Coloured shapes on a plain background, with captions and a question each:
+    a small built-in data set for trying the trainer."""
+    colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+    shapes = ("square", "circle")
+
+    def records() -> Iterator[dict]:
+        rng = random.Random(seed)
+        for _ in range(count):
+            color, shape = rng.choice(list(colors)), rng.choice(shapes)
+            img = Image.new("RGB", (64, 64), (245, 245, 245))
+            draw = ImageDraw.Draw(img)
+            x, y, r = rng.randint(16, 48), rng.randint(16, 48), rng.randint(8, 14)
+            box = (x - r, y - r, x + r, y + r)
+            (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colors[color])
+            caption = f"a {color} {shape}"
+            yield {"kind": "t2i", "caption": caption, "image": img}
+            yield {"kind": "chat", "images": [img], "turns": [("human", "<image> What is this?"), ("gpt", caption)]}
+
+    return records
+
+
+def _section(cfg: dict, name: str, cls, base: Path | None = None):
+    values = cfg.get(name) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{name}' must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"'{name}': unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"'{name}': {e}") from None
+
+
+def _sources(
+    cfg: dict, base: Path, builder: SampleBuilder, rng: random.Random, on_error
+) -> list[tuple[float, Callable]]:
+    entries = cfg.get("data")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("'data' must be a non-empty list of sources")
+    out = []
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict) or "kind" not in e:
+            raise ConfigError(f"data[{k}] must be a mapping with a 'kind'")
+        kind, weight = e["kind"], float(e.get("weight", 1.0))
+        if kind == "demo":
+            records = demo_records(int(e.get("count", 200)), int(e.get("seed", 0)))
+            out.append((weight, lambda r=records: iter(RecordSource(r, builder, rng))))
+            continue
+        if kind not in ("t2i_parquet", "edit_parquet", "llava_jsonl"):
+            raise ConfigError(
+                f"data[{k}]: unknown kind {kind!r}; choose from demo, t2i_parquet, edit_parquet, llava_jsonl"
+            )
+        if "path" not in e:
+            raise ConfigError(f"data[{k}] ({kind}) needs a 'path'")
+        path = (base / e["path"]).resolve()
+        if not path.exists():
+            raise ConfigError(f"data[{k}]: {path} does not exist")
+        readers = {
+            "t2i_parquet": lambda p=path: read_text_to_image(p, builder, rng, on_error),
+            "edit_parquet": lambda p=path: read_edit(p, builder, rng, on_error),
+            "llava_jsonl": lambda p=path: read_conversations(p, builder, on_error),
+        }
+        out.append((weight, readers[kind]))
+    return out
+
+
+def _mixed(sources: list[tuple[float, Callable]], rng: random.Random) -> Iterator[Sample]:
+    """Endless samples, each from a source chosen by weight; a source restarts when it ends."""
+    iters = [make() for _, make in sources]
+    weights = [w for w, _ in sources]
+    while True:
+        k = rng.choices(range(len(sources)), weights)[0]
+        for _ in range(2):
+            try:
+                yield next(iters[k])
+                break
+            except StopIteration:
+                iters[k] = sources[k][1]()
+        else:
+            raise ConfigError(f"data source {k} yields no samples")
+
+
+def _packs(
+    samples: Iterator[Sample], max_tokens: int, config: BagelConfig, special, dropout, rng_t
+) -> Iterator[PackedBatch]:
+    """Greedy packing up to ``max_tokens`` per sequence."""
+    pending: list[Sample] = []
+    used = 0
+    for sample in samples:
+        n = sample_length(sample, config)
+        if pending and used + n > max_tokens:
+            yield pack(pending, config, special, dropout, rng_t)
+            pending, used = [], 0
+        pending.append(sample)
+        used += n
+        if used >= max_tokens:
+            yield pack(pending, config, special, dropout, rng_t)
+            pending, used = [], 0
+
+
+def train(
+    config_path: str | Path,
+    output: str | Path,
+    max_steps: int | None = None,
+    skip_bad_rows: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
+    """Run a training config; write ``log.jsonl`` and the final checkpoint under ``output``.
+
+    Raises:
+        ConfigError, CheckpointError, DataError: with the file/field/row named.
+    """
+    config_path = Path(config_path)
+    cfg = load_run_config(config_path)
+    base = config_path.resolve().parent
+    seed = int(cfg.get("seed", 0))
+    optim = _section(cfg, "optim", OptimConfig)
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {max_steps}")
+        optim = OptimConfig(**{**optim.__dict__, "max_steps": max_steps})
+    dropout = _section(cfg, "dropout", CondDropout)
+    batch_cfg = cfg.get("batch") or {}
+    max_tokens = int(batch_cfg.get("max_tokens", 2048))
+    accumulation = int(batch_cfg.get("accumulation", 1))
+    log_every = int(cfg.get("log_every", 10))
+
+    model_cfg = cfg.get("model") or {}
+    init = model_cfg.get("init", "scratch")
+    if init == "scratch":
+        if "preset" not in model_cfg or "assets" not in model_cfg:
+            raise ConfigError(
+                "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
+            )
+        try:
+            bagel_config = preset(model_cfg["preset"])
+        except KeyError as e:
+            raise ConfigError(f"model: {e.args[0]}") from None
+        assets = base / model_cfg["assets"]
+        if not assets.is_dir():
+            raise ConfigError(f"model: assets folder {assets} does not exist")
+        model = init_weights(Bagel(bagel_config), seed=seed)
+    else:
+        assets = resolve_checkpoint_dir(base / init)
+        bagel_config = config_from_checkpoint(assets)
+        model = load_model(assets, config=bagel_config)
+    vae = load_vae(assets, config=bagel_config)
+    tokenizer = Tokenizer.from_folder(assets)
+    freeze(model, model_cfg.get("freeze", []) or [])
+    for p in vae.parameters():
+        p.requires_grad_(False)
+
+    rng = random.Random(seed)
+    skipped: list[DataError] = []
+    on_error = skipped.append if skip_bad_rows else None
+    builder = SampleBuilder(bagel_config, tokenizer)
+    samples = _mixed(_sources(cfg, base, builder, rng, on_error), rng)
+    packs = _packs(samples, max_tokens, bagel_config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
+    trainer = Trainer(model, vae, optim, torch.Generator().manual_seed(seed + 1))
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    log_file = (output / "log.jsonl").open("a")
+    steps = range(optim.max_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="training", unit="step")
+    last: dict[str, float] = {}
+    tokens, t0 = 0, time.perf_counter()
+    try:
+        for _ in steps:
+            stats = trainer.step([next(packs) for _ in range(accumulation)])
+            tokens += stats.num_tokens
+            if stats.step % log_every == 0 or stats.step == optim.max_steps:
+                elapsed = time.perf_counter() - t0
+                last = {
+                    "step": stats.step,
+                    "loss": stats.loss,
+                    "loss_ce": stats.loss_ce,
+                    "loss_mse": stats.loss_mse,
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                    "lr": stats.lr,
+                    "grad_norm": stats.grad_norm,
+                }
+                log_file.write(json.dumps(last) + "\n")
+                log_file.flush()
+                echo(
+                    f"step {stats.step}: loss {stats.loss:.4f} (ce {stats.loss_ce:.4f}, mse {stats.loss_mse:.4f}) "
+                    f"lr {stats.lr:.2e} {last['tokens_per_s']:.0f} tok/s"
+                )
+                tokens, t0 = 0, time.perf_counter()
+    finally:
+        log_file.close()
+    if skipped:
+        echo(f"skipped {len(skipped)} bad row(s); first: {skipped[0]}")
+    if trainer.ema is not None:
+        trainer.ema.copy_to(model)
+    checkpoint = save_checkpoint(output / "checkpoint", model, vae, tokenizer_dir=assets)
+    return RunResult(trainer.step_count, checkpoint, last)

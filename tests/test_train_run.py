@@ -1,0 +1,76 @@
+"""`openbagel train`: a config end to end, its log and export, and bad configs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from openbagel import BagelPipeline
+from openbagel.cli import app
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+
+
+def test_example_config_runs_and_exports(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", str(ROOT / "configs" / "example-tiny.yaml"), "-o", str(out), "--max-steps", "4"])
+    assert r.exit_code == 0, r.output
+    assert "trained 4 steps" in r.output
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4
+    assert {"step", "loss_ce", "loss_mse", "tokens_per_s", "lr"} <= set(records[-1])
+    assert records[-1]["tokens_per_s"] > 0 and records[-1]["loss_ce"] > 0
+    pipe = BagelPipeline.from_pretrained(out / "checkpoint")
+    assert pipe.text_to_image("a red square", seed=0, num_timesteps=2).image.size == (64, 64)
+
+
+def _config(tmp_path, tiny_dir, **overrides) -> Path:
+    cfg = {
+        "model": {"init": "scratch", "preset": "tiny-golden", "assets": str(tiny_dir)},
+        "data": [{"kind": "demo", "count": 4}],
+        "batch": {"max_tokens": 256},
+        "optim": {"max_steps": 2, "lr": 1e-3},
+        "log_every": 1,
+    }
+    cfg.update(overrides)
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"optimizer": {}}, "unknown section"),
+        ({"data": []}, "'data' must be a non-empty list"),
+        ({"data": [{"kind": "webdataset", "path": "x"}]}, "unknown kind 'webdataset'"),
+        ({"data": [{"kind": "t2i_parquet", "path": "missing.parquet"}]}, "does not exist"),
+        ({"optim": {"learning_rate": 1}}, "'optim': unknown field"),
+        ({"optim": {"schedule": "linear"}}, "schedule must be"),
+        ({"model": {"init": "scratch"}}, "needs 'preset'"),
+    ],
+)
+def test_bad_configs(tmp_path, tiny_dir, overrides, message):
+    r = runner.invoke(app, ["train", str(_config(tmp_path, tiny_dir, **overrides)), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_bad_rows_stop_or_are_skipped(tmp_path, tiny_dir):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(buf, format="PNG")
+    rows = [{"image": buf.getvalue(), "caption": "red"}, {"image": b"broken", "caption": "x"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t2i.parquet")
+    cfg = _config(tmp_path, tiny_dir, data=[{"kind": "t2i_parquet", "path": "t2i.parquet"}])
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o1")])
+    assert r.exit_code == 2 and "t2i.parquet, row 1: not an image file" in r.output
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o2"), "--skip-bad-rows"])
+    assert r.exit_code == 0, r.output
+    assert "skipped" in r.output and "row 1" in r.output
