@@ -455,13 +455,16 @@ def train(
     skip_bad_rows: bool = typer.Option(
         False, "--skip-bad-rows", help="Skip data rows that cannot be read (counted) instead of stopping."
     ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output exactly where it stopped."),
 ) -> None:
     """Train or fine-tune a BAGEL model on packed sequences; exports the result in the official layout."""
 
     def body():
         from openbagel.train.run import train as run_training
 
-        result = run_training(config, output, max_steps=max_steps, skip_bad_rows=skip_bad_rows, echo=typer.echo)
+        result = run_training(
+            config, output, max_steps=max_steps, skip_bad_rows=skip_bad_rows, resume=resume, echo=typer.echo
+        )
         typer.echo(f"trained {result.steps} steps; checkpoint written to {result.checkpoint}")
 
     _run(body)

@@ -74,3 +74,27 @@ def test_bad_rows_stop_or_are_skipped(tmp_path, tiny_dir):
     r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o2"), "--skip-bad-rows"])
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output and "row 1" in r.output
+
+
+def test_exact_resume(tmp_path, tiny_dir):
+    """6 steps straight == 3 steps, stop, resume, 3 more: same weights and optimiser state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from openbagel.train.run import train
+
+    cfg = _config(tmp_path, tiny_dir, optim={"max_steps": 6, "lr": 1e-3, "warmup_steps": 2, "schedule": "cosine"})
+    quiet = dict(progress=False, echo=lambda s: None)
+    straight = train(cfg, tmp_path / "a", **quiet)
+    train(cfg, tmp_path / "b", stop_at=3, **quiet)
+    resumed = train(cfg, tmp_path / "b", resume=True, **quiet)
+    assert straight.steps == resumed.steps == 6
+    wa = load_file(tmp_path / "a" / "checkpoint" / "ema.safetensors")
+    wb = load_file(tmp_path / "b" / "checkpoint" / "ema.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    log_b = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log_b == [1, 2, 3, 4, 5, 6]
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "c"), "--resume"])
+    assert r.exit_code == 2 and "no saved state" in r.output

@@ -48,7 +48,7 @@ from openbagel.train.data import (
     read_text_to_image,
 )
 from openbagel.train.packing import CondDropout, ImageSplit, PackedBatch, Sample, pack
-from openbagel.train.trainer import OptimConfig, Trainer, freeze, init_weights
+from openbagel.train.trainer import OptimConfig, Trainer, freeze, init_weights, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +207,19 @@ def train(
     output: str | Path,
     max_steps: int | None = None,
     skip_bad_rows: bool = False,
+    resume: bool = False,
+    stop_at: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> RunResult:
-    """Run a training config; write ``log.jsonl`` and the final checkpoint under ``output``.
+    """Run a training config; write ``log.jsonl``, the resumable state
+    (``state/``) and the exported checkpoint (``checkpoint/``) under ``output``.
+
+    Args:
+        resume: continue from ``output/state`` exactly where it stopped
+            (same weights, optimiser, random draws and data order).
+        stop_at: stop after this optimiser step (the schedule still runs to
+            ``max_steps``), to continue later with ``resume``.
 
     Raises:
         ConfigError, CheckpointError, DataError: with the file/field/row named.
@@ -265,8 +274,19 @@ def train(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    consumed = 0
+    if resume:
+        try:
+            consumed = int(load_state(trainer, output / "state", {"packs": 0})["packs"])
+        except FileNotFoundError:
+            raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first") from None
+        for _ in range(consumed):  # replay the data stream to where it stopped
+            next(packs)
+        echo(f"resumed at step {trainer.step_count}")
+    save_every = int(cfg.get("save_every", 0))
+    end = min(optim.max_steps, stop_at) if stop_at is not None else optim.max_steps
     log_file = (output / "log.jsonl").open("a")
-    steps = range(optim.max_steps)
+    steps = range(trainer.step_count, end)
     if progress:
         from tqdm.auto import tqdm
 
@@ -276,7 +296,10 @@ def train(
     try:
         for _ in steps:
             stats = trainer.step([next(packs) for _ in range(accumulation)])
+            consumed += accumulation
             tokens += stats.num_tokens
+            if save_every and stats.step % save_every == 0:
+                save_state(trainer, output / "state", {"packs": consumed})
             if stats.step % log_every == 0 or stats.step == optim.max_steps:
                 elapsed = time.perf_counter() - t0
                 last = {
@@ -299,6 +322,7 @@ def train(
         log_file.close()
     if skipped:
         echo(f"skipped {len(skipped)} bad row(s); first: {skipped[0]}")
+    save_state(trainer, output / "state", {"packs": consumed})
     if trainer.ema is not None:
         trainer.ema.copy_to(model)
     checkpoint = save_checkpoint(output / "checkpoint", model, vae, tokenizer_dir=assets)

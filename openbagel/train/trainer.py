@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -254,3 +255,58 @@ def _clip(params: list[Tensor], max_norm: float) -> float:
 def new_model(config: BagelConfig, seed: int = 0) -> Bagel:
     """A freshly initialised model for training from scratch (float32, CPU)."""
     return init_weights(Bagel(config), seed=seed)
+
+
+# --- checkpoints for resuming ---------------------------------------------------------
+
+
+def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> None:
+    """Save everything a run needs to continue exactly (model, optimiser, EMA,
+    step, random state, and ``extra``) with ``torch.distributed.checkpoint``
+    (sharded under FSDP, a plain folder on one process)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    state = {
+        "model": model_sd,
+        "optim": optim_sd,
+        "ema": trainer.ema.shadow if trainer.ema is not None else {},
+        "trainer": {"step": trainer.step_count, "generator": trainer.generator.get_state(), "extra": dict(extra or {})},
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+        warnings.filterwarnings("ignore", message=".*existing checkpoint.*")  # a run's state is replaced on purpose
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> dict:
+    """Restore what :func:`save_state` wrote; returns its ``extra``, read into
+    the keys (and types) of the ``extra`` template given here.
+
+    Raises:
+        FileNotFoundError: no saved state in ``folder``.
+    """
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (Path(folder) / ".metadata").exists():
+        raise FileNotFoundError(f"no saved training state in {folder}")
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    state = {
+        "model": model_sd,
+        "optim": optim_sd,
+        "ema": trainer.ema.shadow if trainer.ema is not None else {},
+        "trainer": {"step": 0, "generator": trainer.generator.get_state(), "extra": dict(extra or {})},
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+        dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer.step_count = int(state["trainer"]["step"])
+    trainer.generator.set_state(state["trainer"]["generator"])
+    return state["trainer"]["extra"]
