@@ -30,6 +30,7 @@ ModelOpt = typer.Option(
     help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files).",
     envvar="OPENBAGEL_MODEL",
 )
+AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.")
 DeviceOpt = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("float32", "--dtype", help="Weights and activations: float32 or bfloat16.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
@@ -173,10 +174,10 @@ def _write_result(result, output: Path) -> None:
     typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
 
 
-def _load(model: str, device: str, dtype: str):
+def _load(model: str, device: str, dtype: str, adapter: Path | None = None):
     from openbagel.pipeline import BagelPipeline
 
-    return BagelPipeline.from_pretrained(model, dtype=dtype, device=device)
+    return BagelPipeline.from_pretrained(model, dtype=dtype, device=device, adapter=adapter)
 
 
 def _config(model: str, device: str, dtype: str):
@@ -241,6 +242,7 @@ def generate(
     renorm: Optional[str] = RenormOpt,
     renorm_min: Optional[float] = RenormMinOpt,
     think: bool = ThinkOpt,
+    adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -251,7 +253,7 @@ def generate(
     def body():
         check_output(output)
         _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
-        pipe = _load(model, device, dtype)
+        pipe = _load(model, device, dtype, adapter)
         result = pipe.text_to_image(
             prompt, height=height, width=width, seed=seed, think=think, progress=True, **sampling
         )
@@ -278,6 +280,7 @@ def edit(
     renorm: Optional[str] = RenormOpt,
     renorm_min: Optional[float] = RenormMinOpt,
     think: bool = ThinkOpt,
+    adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -291,7 +294,7 @@ def edit(
         check_output(output)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
-        pipe = _load(model, device, dtype)
+        pipe = _load(model, device, dtype, adapter)
         result = pipe.edit(
             source, instruction, height=height, width=width, seed=seed, think=think, progress=True, **sampling
         )
@@ -311,6 +314,7 @@ def understand(
     temperature: Optional[float] = TempOpt,
     top_p: Optional[float] = TopPOpt,
     seed: Optional[int] = SeedOpt,
+    adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -327,7 +331,7 @@ def understand(
         source = load_image(image)
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
-        pipe = _load(model, device, dtype)
+        pipe = _load(model, device, dtype, adapter)
         kwargs = dict(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed
         )
@@ -378,6 +382,7 @@ def chat(
     size: Optional[str] = typer.Option(
         None, "--size", help="Size WxH of generated images, multiples of 16 (default: the model's)."
     ),
+    adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -395,7 +400,7 @@ def chat(
             num_timesteps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
         )  # fmt: skip
         generator = make_generator(seed)
-        pipe = _load(model, device, dtype)
+        pipe = _load(model, device, dtype, adapter)
         conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
         typer.echo("openbagel chat; /help for commands", err=True)
         count = 0

@@ -253,7 +253,11 @@ class BagelPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        adapter: str | Path | None = None,
     ) -> BagelPipeline:
         """Load a checkpoint folder (or a Hugging Face cache snapshot folder), offline.
 
@@ -262,6 +266,7 @@ class BagelPipeline:
                 ``ema.safetensors``, ``ae.safetensors`` and the tokenizer files.
             dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+            adapter: a LoRA adapter folder (from ``openbagel train``), merged into the weights.
         Raises:
             CheckpointError: missing, corrupt or mismatched files.
             InvalidInputError: bad dtype or unavailable device.
@@ -273,6 +278,13 @@ class BagelPipeline:
         config = config_from_checkpoint(folder)
         tokenizer = Tokenizer.from_folder(folder)
         model = load_model(folder, dtype=dt, device=dev, config=config)
+        if adapter is not None:
+            from openbagel.errors import CheckpointError
+            from openbagel.train.lora import load_adapter
+
+            if not (Path(adapter) / "adapter_config.json").exists():
+                raise CheckpointError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+            model = load_adapter(model, adapter)
         vae = load_vae(folder, dtype=dt, device=dev, config=config)
         return cls(model, vae, tokenizer, config)
 

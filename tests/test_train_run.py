@@ -98,3 +98,33 @@ def test_exact_resume(tmp_path, tiny_dir):
     assert log_b == [1, 2, 3, 4, 5, 6]
     r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "c"), "--resume"])
     assert r.exit_code == 2 and "no saved state" in r.output
+
+
+def test_lora_run_and_adapter_loading(tmp_path, tiny_dir):
+    cfg = _config(tmp_path, tiny_dir, lora={"r": 4, "alpha": 8, "merge": False})
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    out = tmp_path / "img.png"
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red square",
+            "-o",
+            str(out),
+            "--steps",
+            "2",
+            "--model",
+            str(tmp_path / "run" / "checkpoint"),
+            "--adapter",
+            str(adapter),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "x", "-o", str(out), "--model", str(tiny_dir), "--adapter", str(tmp_path)])
+    assert r.exit_code == 2 and "not a LoRA adapter folder" in r.output
+    bad = _config(tmp_path, tiny_dir, lora={"targets": "nothing_matches_this"})
+    r = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "run2")])
+    assert r.exit_code == 2 and "match no linear layer" in r.output

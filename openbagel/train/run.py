@@ -16,6 +16,7 @@ Config (paths relative to the config file)::
     batch: {max_tokens: 2048, accumulation: 1}
     dropout: {text: 0.1, vit: 0.3, vae: 0.3}
     optim: {lr: 1e-4, warmup_steps: 10, max_steps: 100, schedule: cosine}
+    lora: {r: 16, alpha: 32, merge: true}   # optional: train adapters only
     log_every: 10
     seed: 0
 """
@@ -47,6 +48,7 @@ from openbagel.train.data import (
     read_edit,
     read_text_to_image,
 )
+from openbagel.train.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from openbagel.train.packing import CondDropout, ImageSplit, PackedBatch, Sample, pack
 from openbagel.train.trainer import OptimConfig, Trainer, freeze, init_weights, load_state, save_state
 
@@ -81,7 +83,7 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a readable YAML file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, optim, ...)")
-    unknown = set(data) - {"model", "data", "batch", "dropout", "optim", "log_every", "save_every", "seed"}
+    unknown = set(data) - {"model", "data", "batch", "dropout", "optim", "lora", "log_every", "save_every", "seed"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
     return data
@@ -263,6 +265,21 @@ def train(
     freeze(model, model_cfg.get("freeze", []) or [])
     for p in vae.parameters():
         p.requires_grad_(False)
+    lora_cfg = cfg.get("lora")
+    if lora_cfg is not None:
+        unknown = set(lora_cfg) - {"r", "alpha", "targets", "dropout", "merge"}
+        if unknown:
+            raise ConfigError(f"'lora': unknown field(s) {sorted(unknown)}; known: alpha, dropout, merge, r, targets")
+        try:
+            model = add_lora(
+                model,
+                r=int(lora_cfg.get("r", 16)),
+                alpha=float(lora_cfg.get("alpha", 32)),
+                targets=lora_cfg.get("targets", DEFAULT_TARGETS),
+                dropout=float(lora_cfg.get("dropout", 0.0)),
+            )
+        except ValueError as e:
+            raise ConfigError(f"'lora': {e}") from None
 
     rng = random.Random(seed)
     skipped: list[DataError] = []
@@ -325,5 +342,9 @@ def train(
     save_state(trainer, output / "state", {"packs": consumed})
     if trainer.ema is not None:
         trainer.ema.copy_to(model)
+    if lora_cfg is not None:
+        save_adapter(model, output / "adapter")
+        echo(f"LoRA adapter written to {output / 'adapter'}")
+        model = model.merge_and_unload() if lora_cfg.get("merge", True) else model.unload()
     checkpoint = save_checkpoint(output / "checkpoint", model, vae, tokenizer_dir=assets)
     return RunResult(trainer.step_count, checkpoint, last)
