@@ -470,7 +470,8 @@ def train(
         result = run_training(
             config, output, max_steps=max_steps, skip_bad_rows=skip_bad_rows, resume=resume, echo=typer.echo
         )
-        typer.echo(f"trained {result.steps} steps; checkpoint written to {result.checkpoint}")
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"trained {result.steps} steps; checkpoint written to {result.checkpoint}")
 
     _run(body)
 

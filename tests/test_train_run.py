@@ -128,3 +128,51 @@ def test_lora_run_and_adapter_loading(tmp_path, tiny_dir):
     bad = _config(tmp_path, tiny_dir, lora={"targets": "nothing_matches_this"})
     r = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "run2")])
     assert r.exit_code == 2 and "match no linear layer" in r.output
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_dir):
+    """torchrun with 2 processes (gloo, DDP), one pack each == 1 process taking both packs."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def cfg(accumulation: int, name: str) -> Path:
+        return _config(
+            tmp_path,
+            tiny_dir,
+            batch={"max_tokens": 200, "accumulation": accumulation},
+            optim={"max_steps": 3, "lr": 1e-3},
+            data=[{"kind": "demo", "count": 6}],
+        ).rename(tmp_path / name)
+
+    single, double = cfg(2, "single.yaml"), cfg(1, "ddp.yaml")
+    # one thread per process on both sides, so the arithmetic is the same: with
+    # Adam's tiny eps, even rounding noise in near-zero gradients moves weights by ~lr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(
+        [sys.executable, "-m", "openbagel.cli", "train", str(single), "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "openbagel.cli"]
+    proc = subprocess.run(
+        [*cmd, "train", str(double), "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 3 steps") == 1  # only rank 0 reports
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(one, two, strict=True):
+        assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-5) and a["loss_mse"] == pytest.approx(
+            b["loss_mse"], rel=1e-5
+        )
+    wa = load_file(tmp_path / "one" / "checkpoint" / "ema.safetensors")
+    wb = load_file(tmp_path / "two" / "checkpoint" / "ema.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

@@ -50,6 +50,7 @@ from openbagel.train.data import (
 )
 from openbagel.train.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from openbagel.train.packing import CondDropout, ImageSplit, PackedBatch, Sample, pack
+from openbagel.train.step import TrainForward
 from openbagel.train.trainer import OptimConfig, Trainer, freeze, init_weights, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,24 @@ def train(
     builder = SampleBuilder(bagel_config, tokenizer)
     samples = _mixed(_sources(cfg, base, builder, rng, on_error), rng)
     packs = _packs(samples, max_tokens, bagel_config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
-    trainer = Trainer(model, vae, optim, torch.Generator().manual_seed(seed + 1))
+    world, rank, own_group = _init_distributed()
+    forward = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # CPU/gloo data parallelism; every parameter may be unused by some pack
+        forward = DistributedDataParallel(TrainForward(model), find_unused_parameters=True)
+    trainer = Trainer(
+        model,
+        vae,
+        optim,
+        torch.Generator().manual_seed(seed + 1),
+        all_reduce_sum=_all_reduce_sum if world > 1 else (lambda n: n),
+        forward=forward,
+        world_size=world,
+    )
+    if rank != 0:
+        echo, progress = (lambda s: None), False
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -302,7 +320,7 @@ def train(
         echo(f"resumed at step {trainer.step_count}")
     save_every = int(cfg.get("save_every", 0))
     end = min(optim.max_steps, stop_at) if stop_at is not None else optim.max_steps
-    log_file = (output / "log.jsonl").open("a")
+    log_file = (output / "log.jsonl").open("a") if rank == 0 else None
     steps = range(trainer.step_count, end)
     if progress:
         from tqdm.auto import tqdm
@@ -312,8 +330,14 @@ def train(
     tokens, t0 = 0, time.perf_counter()
     try:
         for _ in steps:
-            stats = trainer.step([next(packs) for _ in range(accumulation)])
-            consumed += accumulation
+            # each step takes accumulation x world packs of the stream; this rank
+            # its own slice, each pack with a random stream of its own, so the
+            # result does not depend on how the packs are spread over ranks
+            group = [next(packs) for _ in range(accumulation * world)]
+            first = rank * accumulation
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + consumed + first + i) for i in range(accumulation)]
+            stats = trainer.step(group[first : first + accumulation], gens)
+            consumed += accumulation * world
             tokens += stats.num_tokens
             if save_every and stats.step % save_every == 0:
                 save_state(trainer, output / "state", {"packs": consumed})
@@ -328,15 +352,17 @@ def train(
                     "lr": stats.lr,
                     "grad_norm": stats.grad_norm,
                 }
-                log_file.write(json.dumps(last) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps(last) + "\n")
+                    log_file.flush()
                 echo(
                     f"step {stats.step}: loss {stats.loss:.4f} (ce {stats.loss_ce:.4f}, mse {stats.loss_mse:.4f}) "
                     f"lr {stats.lr:.2e} {last['tokens_per_s']:.0f} tok/s"
                 )
                 tokens, t0 = 0, time.perf_counter()
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
     if skipped:
         echo(f"skipped {len(skipped)} bad row(s); first: {skipped[0]}")
     save_state(trainer, output / "state", {"packs": consumed})
@@ -346,5 +372,32 @@ def train(
         save_adapter(model, output / "adapter")
         echo(f"LoRA adapter written to {output / 'adapter'}")
         model = model.merge_and_unload() if lora_cfg.get("merge", True) else model.unload()
-    checkpoint = save_checkpoint(output / "checkpoint", model, vae, tokenizer_dir=assets)
+    checkpoint = output / "checkpoint"
+    if rank == 0:
+        save_checkpoint(checkpoint, model, vae, tokenizer_dir=assets)
+    if own_group:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return RunResult(trainer.step_count, checkpoint, last)
+
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """``(world_size, rank, initialised_here)``; under ``torchrun`` joins the
+    process group (gloo: this trainer runs data parallelism on CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, False
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    return dist.get_world_size(), dist.get_rank(), own
+
+
+def _all_reduce_sum(value: float) -> float:
+    t = torch.tensor(float(value), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item()

@@ -9,12 +9,13 @@ tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from openbagel.model.bagel import Bagel
+from openbagel.model.bagel import Bagel, SequenceInput
 from openbagel.model.vae import BagelVAE
 from openbagel.packing import patchify
 from openbagel.train.losses import (
@@ -37,6 +38,22 @@ class Losses:
     mse: Tensor
     ce_per_token: Tensor
     mse_per_element: Tensor
+
+
+class TrainForward(nn.Module):
+    """The model and both heads in one ``forward``, so a data-parallel wrapper
+    (DDP, FSDP) sees every parameter used inside its forward.
+
+    ``forward(inp, ce_slots, mse_slots)`` -> ``(logits [n_ce, vocab], velocities [n_mse, C])``.
+    """
+
+    def __init__(self, model: Bagel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inp: SequenceInput, ce_slots: Tensor, mse_slots: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.model(inp)
+        return self.model.logits(hidden[ce_slots]), self.model.velocity(hidden[mse_slots])
 
 
 def pad_images(images: list[Tensor]) -> Tensor:
@@ -83,6 +100,7 @@ def compute_losses(
     image_logits: Tensor | None = None,
     flow_noise: Tensor | None = None,
     vae_noise: Tensor | None = None,
+    forward: Callable[[SequenceInput, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> Losses:
     """Forward one packed batch and return its losses (differentiable in the model).
 
@@ -96,6 +114,8 @@ def compute_losses(
             time ``shift(sigmoid(n))``; entries of clean images are ignored.
         flow_noise: ``[n_lat, p*p*z]`` Gaussian noise of the flow.
         vae_noise: ``[n_vae_images, z, H/8, W/8]`` posterior sample noise.
+        forward: a :class:`TrainForward` of ``model``, possibly wrapped for data
+            parallelism; default ``TrainForward(model)``.
 
     A batch without CE tokens or without MSE tokens is normal: that loss is 0.
     """
@@ -115,14 +135,14 @@ def compute_losses(
     x_t, target = add_noise(clean, flow_noise.to(device), t)
 
     inp, slot = batch.model_input(x_t, t, device)
-    hidden = model(inp)
+    forward = forward or TrainForward(model)
+    logits, velocity = forward(inp, slot[batch.ce_indexes.to(device)], slot[batch.mse_indexes.to(device)])
 
-    ce = cross_entropy_per_token(model.logits(hidden[slot[batch.ce_indexes.to(device)]]), batch.ce_labels.to(device))
+    ce = cross_entropy_per_token(logits, batch.ce_labels.to(device))
     # target rows of the noisy tokens, in the order of mse_indexes (natural order)
     lat_row = torch.empty(batch.length, dtype=torch.long)
     lat_row[batch.latent_indexes] = torch.arange(batch.latent_indexes.numel())
-    mse_rows = lat_row[batch.mse_indexes].to(device)
-    mse = mse_per_element(model.velocity(hidden[slot[batch.mse_indexes.to(device)]]), target[mse_rows])
+    mse = mse_per_element(velocity, target[lat_row[batch.mse_indexes].to(device)])
     total, ce_mean, mse_mean = reduce_losses(
         ce,
         mse,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -169,10 +170,16 @@ class Trainer:
         model: the model to train (its ``requires_grad`` flags say what trains).
         vae: the frozen autoencoder.
         cfg: optimiser and loss settings.
-        generator: source of timesteps, noise and posterior samples.
-        all_reduce_sum: sums an int over ranks (identity on one process);
+        generator: source of timesteps, noise and posterior samples (unless
+            :meth:`step` gets one generator per batch).
+        all_reduce_sum: sums a number over ranks (identity on one process);
             token counts are normalised over all ranks and accumulation steps,
             so every part of the gradient has the same scale (spec section 8).
+        forward: the module to call (the model wrapped for data parallelism);
+            default the model itself.
+        world_size: number of data-parallel ranks; a wrapper that averages
+            gradients over ranks is compensated, since the losses are already
+            normalised by the global token counts.
     """
 
     def __init__(
@@ -181,9 +188,12 @@ class Trainer:
         vae: BagelVAE,
         cfg: OptimConfig,
         generator: torch.Generator | None = None,
-        all_reduce_sum: Callable[[int], int] = lambda n: n,
+        all_reduce_sum: Callable[[float], float] = lambda n: n,
+        forward: nn.Module | None = None,
+        world_size: int = 1,
     ):
         self.model, self.vae, self.cfg = model, vae, cfg
+        self.forward, self.world_size = forward, world_size
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.all_reduce_sum = all_reduce_sum
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -202,30 +212,48 @@ class Trainer:
                 cfg.max_steps,
             )
 
-    def step(self, batches: Sequence[PackedBatch]) -> StepStats:
-        """Accumulate gradients over ``batches`` and take one optimiser step."""
+    def step(self, batches: Sequence[PackedBatch], generators: Sequence[torch.Generator] | None = None) -> StepStats:
+        """Accumulate gradients over ``batches`` (this rank's) and take one optimiser step.
+
+        Args:
+            generators: one random source per batch (for results that do not
+                depend on how batches are spread over ranks); default the trainer's.
+        Returns:
+            the step's statistics, summed over ranks.
+        """
         self.model.train()
-        n_ce = self.all_reduce_sum(sum(b.num_ce_tokens for b in batches))
-        n_mse = self.all_reduce_sum(sum(b.num_mse_tokens for b in batches))
+        n_ce = int(self.all_reduce_sum(sum(b.num_ce_tokens for b in batches)))
+        n_mse = int(self.all_reduce_sum(sum(b.num_mse_tokens for b in batches)))
         lr = lr_at(self.step_count, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = ce = mse = 0.0
-        for batch in batches:
-            losses = compute_losses(
-                self.model,
-                self.vae,
-                batch,
-                timestep_shift=self.cfg.timestep_shift,
-                ce_weight=self.cfg.ce_weight,
-                mse_weight=self.cfg.mse_weight,
-                num_ce_tokens=n_ce,
-                num_mse_tokens=n_mse,
-                generator=self.generator,
+        for k, batch in enumerate(batches):
+            last = k == len(batches) - 1
+            sync = (
+                self.forward.no_sync()
+                if self.forward is not None and not last and hasattr(self.forward, "no_sync")
+                else nullcontext()
             )
-            losses.total.backward()
+            with sync:
+                losses = compute_losses(
+                    self.model,
+                    self.vae,
+                    batch,
+                    timestep_shift=self.cfg.timestep_shift,
+                    ce_weight=self.cfg.ce_weight,
+                    mse_weight=self.cfg.mse_weight,
+                    num_ce_tokens=n_ce,
+                    num_mse_tokens=n_mse,
+                    generator=generators[k] if generators is not None else self.generator,
+                    forward=self.forward,
+                )
+                # data-parallel wrappers average gradients over ranks; the losses are
+                # already normalised by global counts, so undo the average
+                (losses.total * self.world_size).backward()
             total, ce, mse = total + losses.total.item(), ce + losses.ce.item(), mse + losses.mse.item()
+        total, ce, mse = (float(self.all_reduce_sum(v)) for v in (total, ce, mse))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = _clip(params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -239,7 +267,7 @@ class Trainer:
             loss_mse=mse,
             num_ce_tokens=n_ce,
             num_mse_tokens=n_mse,
-            num_tokens=sum(b.length for b in batches),
+            num_tokens=int(self.all_reduce_sum(sum(b.length for b in batches))),
             lr=lr,
             grad_norm=grad_norm,
         )
