@@ -176,3 +176,28 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_dir):
     wb = load_file(tmp_path / "two" / "checkpoint" / "ema.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_checkpoint_is_strict(tmp_path, tiny_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    sd = load_file(ckpt / "ema.safetensors")
+    del sd["language_model.model.layers.1.mlp_moe_gen.up_proj.weight"]
+    save_file(sd, ckpt / "ema.safetensors")
+    cfg = _config(tmp_path, tiny_dir, model={"init": str(ckpt)})
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "missing tensor 'language_model.model.layers.1.mlp_moe_gen.up_proj.weight'" in r.output
+    # fine-tuning the intact checkpoint works, and only what is not frozen moves
+    shutil.copy(tiny_dir / "ema.safetensors", ckpt / "ema.safetensors")
+    cfg = _config(tmp_path, tiny_dir, model={"init": str(ckpt), "freeze": ["llm"]})
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    before, after = load_file(ckpt / "ema.safetensors"), load_file(tmp_path / "ft" / "checkpoint" / "ema.safetensors")
+    assert torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
+    assert not torch.equal(before["vae2llm.weight"], after["vae2llm.weight"])

@@ -137,3 +137,22 @@ def test_condition_dropout_follows_the_reference():
     assert kept.length == 6 + 11 + 6
     with pytest.raises(ValueError, match="condition dropout"):
         CondDropout(text=1.5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(vae):
+    from openbagel.train.trainer import apply_activation_checkpointing
+
+    batch = pack(fixed_samples(2), CFG, SPECIAL)
+    grads = []
+    for checkpointing in (False, True):
+        model = new_model(CFG, seed=6)
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        trainer = Trainer(model, vae, OptimConfig(grad_clip=0.0))
+        trainer.generator.manual_seed(0)
+        trainer.step([batch])
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        if grads[0][n] is not None:
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)

@@ -8,6 +8,7 @@ Config (paths relative to the config file)::
       preset: tiny-golden        # with init: scratch, the architecture
       assets: ../tests/golden/tiny-random   # tokenizer + ae.safetensors (scratch runs)
       freeze: []                 # any of llm, vit, und
+      activation_checkpointing: false   # recompute layer activations in backward (less memory)
     data:
       - {kind: t2i_parquet, path: data/t2i.parquet, weight: 2}
       - {kind: edit_parquet, path: data/edit.parquet}
@@ -51,7 +52,15 @@ from openbagel.train.data import (
 from openbagel.train.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from openbagel.train.packing import CondDropout, ImageSplit, PackedBatch, Sample, pack
 from openbagel.train.step import TrainForward
-from openbagel.train.trainer import OptimConfig, Trainer, freeze, init_weights, load_state, save_state
+from openbagel.train.trainer import (
+    OptimConfig,
+    Trainer,
+    apply_activation_checkpointing,
+    freeze,
+    init_weights,
+    load_state,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +272,15 @@ def train(
         model = load_model(assets, config=bagel_config)
     vae = load_vae(assets, config=bagel_config)
     tokenizer = Tokenizer.from_folder(assets)
-    freeze(model, model_cfg.get("freeze", []) or [])
+    unknown = set(model_cfg) - {"init", "preset", "assets", "freeze", "activation_checkpointing"}
+    if unknown:
+        raise ConfigError(f"'model': unknown field(s) {sorted(unknown)}")
+    try:
+        freeze(model, model_cfg.get("freeze", []) or [])
+    except ValueError as e:
+        raise ConfigError(f"'model': {e}") from None
+    if model_cfg.get("activation_checkpointing", False):
+        apply_activation_checkpointing(model)
     for p in vae.parameters():
         p.requires_grad_(False)
     lora_cfg = cfg.get("lora")

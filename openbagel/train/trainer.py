@@ -128,6 +128,18 @@ def freeze(model: Bagel, parts: Sequence[FreezePart]) -> None:
             p.requires_grad_(False)
 
 
+def apply_activation_checkpointing(model: Bagel) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead
+    of storing them (less memory, about a third more compute). Applied from
+    outside: the layers are wrapped in place."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.language_model.model.layers
+    for i, layer in enumerate(layers):
+        if not layer.__class__.__name__.startswith("CheckpointWrapper"):
+            layers[i] = checkpoint_wrapper(layer)
+
+
 class EMA:
     """Exponential moving average of the trainable weights (float32 copies)."""
 
