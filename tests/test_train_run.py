@@ -201,3 +201,10 @@ def test_init_from_checkpoint_is_strict(tmp_path, tiny_dir):
     before, after = load_file(ckpt / "ema.safetensors"), load_file(tmp_path / "ft" / "checkpoint" / "ema.safetensors")
     assert torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
     assert not torch.equal(before["vae2llm.weight"], after["vae2llm.weight"])
+
+
+def test_bad_batch_section(tmp_path, tiny_dir):
+    r = runner.invoke(
+        app, ["train", str(_config(tmp_path, tiny_dir, batch={"max_tokens": "lots"})), "-o", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 2 and "max_tokens must be a positive integer" in r.output

@@ -147,6 +147,51 @@ def _section(cfg: dict, name: str, cls, base: Path | None = None):
         raise ConfigError(f"'{name}': {e}") from None
 
 
+def _positive_int(section: dict, key: str, default: int, where: str) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"'{where}': {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _build_model(model_cfg: dict, base: Path, seed: int):
+    """``(model, vae, tokenizer, assets folder)`` from the config's ``model`` section."""
+    if not isinstance(model_cfg, dict):
+        raise ConfigError("'model' must be a mapping")
+    unknown = set(model_cfg) - {"init", "preset", "assets", "freeze", "activation_checkpointing"}
+    if unknown:
+        raise ConfigError(f"'model': unknown field(s) {sorted(unknown)}")
+    init = model_cfg.get("init", "scratch")
+    if init == "scratch":
+        if "preset" not in model_cfg or "assets" not in model_cfg:
+            raise ConfigError(
+                "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
+            )
+        try:
+            config = preset(model_cfg["preset"])
+        except KeyError as e:
+            raise ConfigError(f"model: {e.args[0]}") from None
+        assets = base / model_cfg["assets"]
+        if not assets.is_dir():
+            raise ConfigError(f"model: assets folder {assets} does not exist")
+        model = init_weights(Bagel(config), seed=seed)
+    else:
+        assets = resolve_checkpoint_dir(base / init)
+        config = config_from_checkpoint(assets)
+        model = load_model(assets, config=config)
+    vae = load_vae(assets, config=config)
+    tokenizer = Tokenizer.from_folder(assets)
+    try:
+        freeze(model, model_cfg.get("freeze", []) or [])
+    except ValueError as e:
+        raise ConfigError(f"'model': {e}") from None
+    if model_cfg.get("activation_checkpointing", False):
+        apply_activation_checkpointing(model)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    return model, vae, tokenizer, assets
+
+
 def _sources(
     cfg: dict, base: Path, builder: SampleBuilder, rng: random.Random, on_error
 ) -> list[tuple[float, Callable]]:
@@ -247,42 +292,13 @@ def train(
         optim = OptimConfig(**{**optim.__dict__, "max_steps": max_steps})
     dropout = _section(cfg, "dropout", CondDropout)
     batch_cfg = cfg.get("batch") or {}
-    max_tokens = int(batch_cfg.get("max_tokens", 2048))
-    accumulation = int(batch_cfg.get("accumulation", 1))
-    log_every = int(cfg.get("log_every", 10))
-
-    model_cfg = cfg.get("model") or {}
-    init = model_cfg.get("init", "scratch")
-    if init == "scratch":
-        if "preset" not in model_cfg or "assets" not in model_cfg:
-            raise ConfigError(
-                "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
-            )
-        try:
-            bagel_config = preset(model_cfg["preset"])
-        except KeyError as e:
-            raise ConfigError(f"model: {e.args[0]}") from None
-        assets = base / model_cfg["assets"]
-        if not assets.is_dir():
-            raise ConfigError(f"model: assets folder {assets} does not exist")
-        model = init_weights(Bagel(bagel_config), seed=seed)
-    else:
-        assets = resolve_checkpoint_dir(base / init)
-        bagel_config = config_from_checkpoint(assets)
-        model = load_model(assets, config=bagel_config)
-    vae = load_vae(assets, config=bagel_config)
-    tokenizer = Tokenizer.from_folder(assets)
-    unknown = set(model_cfg) - {"init", "preset", "assets", "freeze", "activation_checkpointing"}
-    if unknown:
-        raise ConfigError(f"'model': unknown field(s) {sorted(unknown)}")
-    try:
-        freeze(model, model_cfg.get("freeze", []) or [])
-    except ValueError as e:
-        raise ConfigError(f"'model': {e}") from None
-    if model_cfg.get("activation_checkpointing", False):
-        apply_activation_checkpointing(model)
-    for p in vae.parameters():
-        p.requires_grad_(False)
+    if not isinstance(batch_cfg, dict) or set(batch_cfg) - {"max_tokens", "accumulation"}:
+        raise ConfigError("'batch' takes max_tokens and accumulation")
+    max_tokens = _positive_int(batch_cfg, "max_tokens", 2048, "batch")
+    accumulation = _positive_int(batch_cfg, "accumulation", 1, "batch")
+    log_every = _positive_int(cfg, "log_every", 10, "config")
+    model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
+    config = model.config  # before any LoRA wrapper
     lora_cfg = cfg.get("lora")
     if lora_cfg is not None:
         unknown = set(lora_cfg) - {"r", "alpha", "targets", "dropout", "merge"}
@@ -302,9 +318,9 @@ def train(
     rng = random.Random(seed)
     skipped: list[DataError] = []
     on_error = skipped.append if skip_bad_rows else None
-    builder = SampleBuilder(bagel_config, tokenizer)
+    builder = SampleBuilder(config, tokenizer)
     samples = _mixed(_sources(cfg, base, builder, rng, on_error), rng)
-    packs = _packs(samples, max_tokens, bagel_config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
+    packs = _packs(samples, max_tokens, config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
     world, rank, own_group = _init_distributed()
     forward = None
     if world > 1:
