@@ -98,12 +98,12 @@ def test_conversations(tmp_path, builder):
 @pytest.mark.parametrize(
     "rows,reader,message",
     [
-        ([{"image": png()}], read_text_to_image, "row 0: needs the columns 'image' and 'caption'"),
-        ([{"image": b"not an image", "caption": "x"}], read_text_to_image, "row 0: .*not an image file"),
+        ([{"image": png()}], read_text_to_image, "row 1: needs the columns 'image' and 'caption'"),
+        ([{"image": b"not an image", "caption": "x"}], read_text_to_image, "row 1: .*not an image file"),
         (
             [{"images": [png(), png()], "instructions": ["a", "b"]}],
             read_edit,
-            "row 0: 2 images need 1 instructions, got 2",
+            "row 1: 2 images need 1 instructions, got 2",
         ),
     ],
 )

@@ -56,6 +56,14 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"optim": {"learning_rate": 1}}, "'optim': unknown field"),
         ({"optim": {"schedule": "linear"}}, "schedule must be"),
         ({"model": {"init": "scratch"}}, "needs 'preset'"),
+        ({"lora": True}, "'lora' must be a mapping"),
+        ({"lora": {"r": 0}}, "r must be a positive integer"),
+        ({"seed": "abc"}, "seed must be an integer"),
+        ({"data": [{"kind": "demo", "weight": 0}]}, "weight must be > 0"),
+        ({"data": [{"kind": "demo", "wieght": 3}]}, "unknown field(s) ['wieght']"),
+        ({"optim": {"max_steps": 3.5}}, "'optim.max_steps' must be int"),
+        ({"optim": {"betas": 0.9}}, "'optim.betas' must be a pair of numbers"),
+        ({"optim": {"lr": "fast"}}, "'optim.lr' must be float"),
     ],
 )
 def test_bad_configs(tmp_path, tiny_dir, overrides, message):
@@ -70,10 +78,10 @@ def test_bad_rows_stop_or_are_skipped(tmp_path, tiny_dir):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t2i.parquet")
     cfg = _config(tmp_path, tiny_dir, data=[{"kind": "t2i_parquet", "path": "t2i.parquet"}])
     r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o1")])
-    assert r.exit_code == 2 and "t2i.parquet, row 1: not an image file" in r.output
+    assert r.exit_code == 2 and "t2i.parquet, row 2: not an image file" in r.output
     r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o2"), "--skip-bad-rows"])
     assert r.exit_code == 0, r.output
-    assert "skipped" in r.output and "row 1" in r.output
+    assert "skipped 1 bad row" in r.output and "row 2" in r.output
 
 
 def test_exact_resume(tmp_path, tiny_dir):
@@ -208,3 +216,36 @@ def test_bad_batch_section(tmp_path, tiny_dir):
         app, ["train", str(_config(tmp_path, tiny_dir, batch={"max_tokens": "lots"})), "-o", str(tmp_path / "o")]
     )
     assert r.exit_code == 2 and "max_tokens must be a positive integer" in r.output
+
+
+def test_yaml_numbers_and_existing_runs(tmp_path, tiny_dir):
+    # YAML 1.1 reads 1e-4 as a string; it is accepted as the number it means
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: {{init: scratch, preset: tiny-golden, assets: {tiny_dir}}}\n"
+        "data: [{kind: demo, count: 4}]\n"
+        "optim: {lr: 1e-4, max_steps: 1}\n"
+    )
+    r = runner.invoke(app, ["train", str(path), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "log.jsonl").read_text().splitlines()[-1])["lr"] == 1e-4
+    r = runner.invoke(app, ["train", str(path), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "already holds a run" in r.output
+    bad = _config(
+        tmp_path, tiny_dir, model={"init": "scratch", "preset": "tiny-golden", "assets": str(tiny_dir), "freeze": "vit"}
+    )
+    r = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "freeze must be a list" in r.output
+
+
+def test_lora_runs_are_reproducible(tmp_path, tiny_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = _config(tmp_path, tiny_dir, lora={"r": 4})
+    for name in ("a", "b"):
+        r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -145,7 +145,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises its own error types
         raise DataError(str(path), "-", f"not a readable parquet file ({e})") from None
-    yield from enumerate(table.to_pylist())
+    yield from enumerate(table.to_pylist(), start=1)  # rows counted from 1, like JSONL lines
 
 
 def read_text_to_image(
@@ -180,7 +180,9 @@ def read_edit(
                 raise ValueError(f"needs the columns 'images' and 'instructions'; has {sorted(row)}")
             if not isinstance(images, list) or not isinstance(instructions, list):
                 raise ValueError("'images' and 'instructions' must be lists")
-            if len(instructions) != len(images) - 1 or not instructions:
+            if len(images) < 2:
+                raise ValueError(f"an edit row needs at least 2 images (before and after), got {len(images)}")
+            if len(instructions) != len(images) - 1:
                 raise ValueError(f"{len(images)} images need {len(images) - 1} instructions, got {len(instructions)}")
             texts = [_choose(t, rng, f"instruction {k}") for k, t in enumerate(instructions)]
             yield builder.edit_chain([_image_from_bytes(b) for b in images], texts)
@@ -207,6 +209,8 @@ def read_conversations(path: str | Path, builder: SampleBuilder, on_error: OnErr
                 raise ValueError("needs a 'conversations' list")
             names = record.get("image", [])
             names = [names] if isinstance(names, str) else names
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("'image' must be a path or a list of paths")
             images = [load_image(path.parent / n) for n in names]
             turns = []
             for turn in record["conversations"]:

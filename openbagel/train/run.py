@@ -133,18 +133,62 @@ def demo_records(count: int, seed: int) -> Callable[[], Iterator[dict]]:
     return records
 
 
-def _section(cfg: dict, name: str, cls, base: Path | None = None):
+def _coerce(value: Any, kind: str, where: str) -> Any:
+    """A YAML value as the dataclass field type ``kind`` (``"float"``, ``"int"``,
+    ``"float | None"``, ``"tuple[float, float]"``, ``"bool"``, or a Literal).
+    YAML 1.1 reads ``1e-4`` as a string, so numeric strings are accepted for floats."""
+
+    def number(v, integer: bool):
+        if isinstance(v, bool):
+            raise ValueError
+        if integer:
+            if isinstance(v, int):
+                return v
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise ValueError
+        return float(v)
+
+    try:
+        if kind.endswith("| None"):
+            return None if value is None else _coerce(value, kind[: -len("| None")].strip(), where)
+        if kind in ("float", "int"):
+            return number(value, kind == "int")
+        if kind.startswith("tuple[float"):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(number(v, False) for v in value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where} must be {kind.replace('tuple[float, float]', 'a pair of numbers')}, got {value!r}"
+        ) from None
+    return value
+
+
+def _section(cfg: dict, name: str, cls):
     values = cfg.get(name) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"'{name}' must be a mapping")
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
+    types = {f.name: str(f.type) for f in fields(cls)}
+    unknown = set(values) - set(types)
     if unknown:
-        raise ConfigError(f"'{name}': unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"'{name}': unknown field(s) {sorted(unknown)}; known: {sorted(types)}")
+    coerced = {k: _coerce(v, types[k], f"'{name}.{k}'") for k, v in values.items()}
     try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**coerced)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"'{name}': {e}") from None
+
+
+def _nonneg_int(section: dict, key: str, default: int, where: str) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"'{where}': {key} must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _positive_int(section: dict, key: str, default: int, where: str) -> int:
@@ -181,8 +225,11 @@ def _build_model(model_cfg: dict, base: Path, seed: int):
         model = load_model(assets, config=config)
     vae = load_vae(assets, config=config)
     tokenizer = Tokenizer.from_folder(assets)
+    parts = model_cfg.get("freeze", []) or []
+    if not isinstance(parts, list):
+        raise ConfigError(f"'model': freeze must be a list, for example [vit], got {parts!r}")
     try:
-        freeze(model, model_cfg.get("freeze", []) or [])
+        freeze(model, parts)
     except ValueError as e:
         raise ConfigError(f"'model': {e}") from None
     if model_cfg.get("activation_checkpointing", False):
@@ -202,10 +249,18 @@ def _sources(
     for k, e in enumerate(entries):
         if not isinstance(e, dict) or "kind" not in e:
             raise ConfigError(f"data[{k}] must be a mapping with a 'kind'")
-        kind, weight = e["kind"], float(e.get("weight", 1.0))
+        kind = e["kind"]
+        allowed = {"kind", "weight", "count", "seed"} if kind == "demo" else {"kind", "weight", "path"}
+        if set(e) - allowed:
+            raise ConfigError(f"data[{k}]: unknown field(s) {sorted(set(e) - allowed)}; known: {sorted(allowed)}")
+        weight = _coerce(e.get("weight", 1.0), "float", f"data[{k}].weight")
+        if not weight > 0:
+            raise ConfigError(f"data[{k}].weight must be > 0, got {weight}")
         if kind == "demo":
-            records = demo_records(int(e.get("count", 200)), int(e.get("seed", 0)))
-            out.append((weight, lambda r=records: iter(RecordSource(r, builder, rng))))
+            records = demo_records(
+                _positive_int(e, "count", 200, f"data[{k}]"), _nonneg_int(e, "seed", 0, f"data[{k}]")
+            )
+            out.append((weight, lambda r=records: iter(RecordSource(r, builder, rng)), "demo"))
             continue
         if kind not in ("t2i_parquet", "edit_parquet", "llava_jsonl"):
             raise ConfigError(
@@ -221,14 +276,14 @@ def _sources(
             "edit_parquet": lambda p=path: read_edit(p, builder, rng, on_error),
             "llava_jsonl": lambda p=path: read_conversations(p, builder, on_error),
         }
-        out.append((weight, readers[kind]))
+        out.append((weight, readers[kind], str(path)))
     return out
 
 
-def _mixed(sources: list[tuple[float, Callable]], rng: random.Random) -> Iterator[Sample]:
+def _mixed(sources: list[tuple[float, Callable, str]], rng: random.Random) -> Iterator[Sample]:
     """Endless samples, each from a source chosen by weight; a source restarts when it ends."""
-    iters = [make() for _, make in sources]
-    weights = [w for w, _ in sources]
+    iters = [make() for _, make, _ in sources]
+    weights = [w for w, _, _ in sources]
     while True:
         k = rng.choices(range(len(sources)), weights)[0]
         for _ in range(2):
@@ -238,7 +293,7 @@ def _mixed(sources: list[tuple[float, Callable]], rng: random.Random) -> Iterato
             except StopIteration:
                 iters[k] = sources[k][1]()
         else:
-            raise ConfigError(f"data source {k} yields no samples")
+            raise ConfigError(f"data source {k} ({sources[k][2]}) yields no usable samples")
 
 
 def _packs(
@@ -247,8 +302,12 @@ def _packs(
     """Greedy packing up to ``max_tokens`` per sequence."""
     pending: list[Sample] = []
     used = 0
+    warned = False
     for sample in samples:
         n = sample_length(sample, config)
+        if n > max_tokens and not warned:
+            warned = True
+            log.warning("a sample of %d tokens exceeds batch.max_tokens (%d); it is packed alone", n, max_tokens)
         if pending and used + n > max_tokens:
             yield pack(pending, config, special, dropout, rng_t)
             pending, used = [], 0
@@ -284,7 +343,7 @@ def train(
     config_path = Path(config_path)
     cfg = load_run_config(config_path)
     base = config_path.resolve().parent
-    seed = int(cfg.get("seed", 0))
+    seed = _nonneg_int(cfg, "seed", 0, "config")
     optim = _section(cfg, "optim", OptimConfig)
     if max_steps is not None:
         if max_steps < 1:
@@ -300,24 +359,34 @@ def train(
     model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
     config = model.config  # before any LoRA wrapper
     lora_cfg = cfg.get("lora")
-    if lora_cfg is not None:
+    if "lora" in cfg:
+        if not isinstance(lora_cfg, dict):
+            raise ConfigError(f"'lora' must be a mapping (use 'lora: {{}}' for the defaults), got {lora_cfg!r}")
         unknown = set(lora_cfg) - {"r", "alpha", "targets", "dropout", "merge"}
         if unknown:
             raise ConfigError(f"'lora': unknown field(s) {sorted(unknown)}; known: alpha, dropout, merge, r, targets")
+        r = _positive_int(lora_cfg, "r", 16, "lora")
+        alpha = _coerce(lora_cfg.get("alpha", 32), "float", "'lora.alpha'")
+        lora_dropout = _coerce(lora_cfg.get("dropout", 0.0), "float", "'lora.dropout'")
+        _coerce(lora_cfg.get("merge", True), "bool", "'lora.merge'")
+        targets = lora_cfg.get("targets", DEFAULT_TARGETS)
+        if not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+        ):
+            raise ConfigError(f"'lora.targets' must be a regex or a list of module names, got {targets!r}")
+        torch.manual_seed(seed)  # peft draws the adapters' initial values from the global generator
         try:
-            model = add_lora(
-                model,
-                r=int(lora_cfg.get("r", 16)),
-                alpha=float(lora_cfg.get("alpha", 32)),
-                targets=lora_cfg.get("targets", DEFAULT_TARGETS),
-                dropout=float(lora_cfg.get("dropout", 0.0)),
-            )
+            model = add_lora(model, r=r, alpha=alpha, targets=targets, dropout=lora_dropout)
         except ValueError as e:
             raise ConfigError(f"'lora': {e}") from None
 
     rng = random.Random(seed)
-    skipped: list[DataError] = []
-    on_error = skipped.append if skip_bad_rows else None
+    skipped: dict[tuple, DataError] = {}  # each bad row once, however many passes over the data
+
+    def on_skip(err: DataError) -> None:
+        skipped.setdefault((err.source, err.row), err)
+
+    on_error = on_skip if skip_bad_rows else None
     builder = SampleBuilder(config, tokenizer)
     samples = _mixed(_sources(cfg, base, builder, rng, on_error), rng)
     packs = _packs(samples, max_tokens, config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
@@ -341,17 +410,22 @@ def train(
         echo, progress = (lambda s: None), False
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     consumed = 0
     if resume:
         try:
             consumed = int(load_state(trainer, output / "state", {"packs": 0})["packs"])
         except FileNotFoundError:
             raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first") from None
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from None
         for _ in range(consumed):  # replay the data stream to where it stopped
             next(packs)
+        _truncate_log(output / "log.jsonl", trainer.step_count)
         echo(f"resumed at step {trainer.step_count}")
-    save_every = int(cfg.get("save_every", 0))
+    elif rank == 0 and ((output / "log.jsonl").exists() or (output / "state").exists()):
+        raise ConfigError(f"{output} already holds a run; continue it with --resume, or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    save_every = _nonneg_int(cfg, "save_every", 0, "config")
     end = min(optim.max_steps, stop_at) if stop_at is not None else optim.max_steps
     log_file = (output / "log.jsonl").open("a") if rank == 0 else None
     steps = range(trainer.step_count, end)
@@ -397,7 +471,7 @@ def train(
         if log_file is not None:
             log_file.close()
     if skipped:
-        echo(f"skipped {len(skipped)} bad row(s); first: {skipped[0]}")
+        echo(f"skipped {len(skipped)} bad row(s); first: {next(iter(skipped.values()))}")
     save_state(trainer, output / "state", {"packs": consumed})
     if trainer.ema is not None:
         trainer.ema.copy_to(model)
@@ -412,6 +486,13 @@ def train(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return RunResult(trainer.step_count, checkpoint, last)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step`` (logged after the last saved state)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def _init_distributed() -> tuple[int, int, bool]:

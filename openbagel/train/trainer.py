@@ -64,6 +64,10 @@ class OptimConfig:
             raise ValueError("lr must be > 0, max_steps >= 1 and warmup_steps >= 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if min(self.min_lr, self.grad_clip, self.weight_decay, self.ce_weight, self.mse_weight) < 0:
+            raise ValueError("min_lr, grad_clip, weight_decay, ce_weight and mse_weight must be >= 0")
+        if not self.timestep_shift > 0 or not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError("timestep_shift must be > 0 and betas two numbers in [0, 1)")
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -236,6 +240,9 @@ class Trainer:
         self.model.train()
         n_ce = int(self.all_reduce_sum(sum(b.num_ce_tokens for b in batches)))
         n_mse = int(self.all_reduce_sum(sum(b.num_mse_tokens for b in batches)))
+        if n_ce == n_mse == 0 and not getattr(self, "_warned_no_loss", False):
+            self._warned_no_loss = True
+            log.warning("a step had no loss tokens (no answer text, no image to generate): check the data")
         lr = lr_at(self.step_count, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -319,7 +326,12 @@ def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed.*")
         warnings.filterwarnings("ignore", message=".*existing checkpoint.*")  # a run's state is replaced on purpose
-        dcp.save(state, checkpoint_id=str(folder))
+        try:
+            dcp.save(state, checkpoint_id=str(folder))
+        except Exception as e:  # DCP wraps a Ctrl-C during the write in its own exception
+            if "KeyboardInterrupt" in repr(e):
+                raise KeyboardInterrupt from None
+            raise
 
 
 def load_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> dict:
@@ -343,10 +355,17 @@ def load_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) 
         "ema": trainer.ema.shadow if trainer.ema is not None else {},
         "trainer": {"step": 0, "generator": trainer.generator.get_state(), "extra": dict(extra or {})},
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
-        dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+            dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(
+            trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"the saved state in {folder} does not fit this run (was the model, LoRA or EMA setting changed?): {str(e)[:200]}"
+        ) from None
     trainer.step_count = int(state["trainer"]["step"])
     trainer.generator.set_state(state["trainer"]["generator"])
     return state["trainer"]["extra"]
