@@ -128,3 +128,39 @@ def test_bad_image_sizes():
         pack([[ImageSplit(torch.zeros(3, 20, 28), "vit")]], cfg, SPECIAL)
     with pytest.raises(ValueError, match="only VAE images can be generated"):
         ImageSplit(torch.zeros(3, 28, 28), "vit", loss=True)
+
+
+@pytest.mark.parametrize("name", CASES[:1])
+def test_mask_rule_equals_dense_mask(tiny, name):
+    """The per-token rule (flex attention's form) gives the dense mask, in both token orders."""
+    from openbagel.train.packing import allowed
+
+    case = json.loads((GOLDEN / "cases.json").read_text())[name]
+    data = load_file(str(GOLDEN / f"{name}.safetensors"))
+    model, _ = tiny
+    batch = pack(golden_samples(case, data), model.config, SPECIAL)
+    meta = batch.token_metadata()
+    idx = torch.arange(batch.length)
+    dense = batch.attention_mask()
+    assert torch.equal(allowed(meta, idx[:, None], idx[None, :]), dense)
+    order, _ = batch.order()
+    permuted = meta.permute(order)
+    assert torch.equal(allowed(permuted, idx[:, None], idx[None, :]), dense[order][:, order])
+
+
+def test_flex_attention_path_equals_dense(tiny):
+    """The GPU training path (flex attention with a block mask), run forward on the CPU."""
+    import warnings
+
+    case = json.loads((GOLDEN / "cases.json").read_text())[CASES[0]]
+    data = load_file(str(GOLDEN / f"{CASES[0]}.safetensors"))
+    model, _ = tiny
+    batch = pack(golden_samples(case, data), model.config, SPECIAL)
+    latents = torch.randn(batch.latent_indexes.numel(), 64, generator=torch.Generator().manual_seed(0))
+    t = torch.full((latents.shape[0],), 0.5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex attention warns when run eagerly
+        dense, _ = batch.model_input(latents, t, flex=False)
+        flex, _ = batch.model_input(latents, t, flex=True)
+        assert flex.mask.kind == "flex" and dense.mask.kind == "dense"
+        torch.testing.assert_close(model(flex), model(dense), rtol=1e-4, atol=1e-5)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MaskKind = Literal["full", "causal", "dense"]
+MaskKind = Literal["full", "causal", "dense", "flex"]
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,13 @@ class AttnMask:
     * ``causal``: the ``Lq`` queries are the **last** ``Lq`` of the ``Lk`` keys,
       each sees the keys up to and including itself (text after a cached prefix).
     * ``dense``: ``mask`` is a bool ``[Lq, Lk]`` tensor, True where attention is
-      allowed (packed training batches).
+      allowed (packed training batches on CPU).
+    * ``flex``: ``mask`` is a flex-attention ``BlockMask`` (packed training
+      batches on GPU: no ``[L, L]`` tensor, fully masked blocks skipped).
     """
 
     kind: MaskKind = "full"
-    mask: Tensor | None = None
+    mask: Tensor | Any | None = None
 
     @staticmethod
     def full() -> AttnMask:
@@ -43,6 +45,10 @@ class AttnMask:
     @staticmethod
     def dense(mask: Tensor) -> AttnMask:
         return AttnMask("dense", mask)
+
+    @staticmethod
+    def flex(block_mask: Any) -> AttnMask:
+        return AttnMask("flex", block_mask)
 
 
 _BACKEND = "auto"
@@ -83,6 +89,18 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     return flash_attn_func(q[None], k[None], v[None], causal=causal)[0]
 
 
+def _eager_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex():
+    # flex attention is fast only compiled; compiled once per process
+    return torch.compile(_eager_flex())
+
+
 def _use_flash(q: Tensor, mask: AttnMask) -> bool:
     if _BACKEND == "sdpa" or not q.is_cuda or mask.kind == "dense":
         return False
@@ -101,6 +119,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
         ``[Lq, H, D]``.
     """
     lq, lk = q.shape[0], k.shape[0]
+    if mask.kind == "flex":
+        fn = _compiled_flex() if q.is_cuda else _eager_flex()
+        out = fn(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            block_mask=mask.mask,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out[0].transpose(0, 1)
     if _use_flash(q, mask):
         return _flash(q, k, v, causal=mask.kind == "causal")
     attn_mask = None

@@ -137,6 +137,21 @@ class PackedBatch:
             start += n
         return mask
 
+    def token_metadata(self) -> MaskMetadata:
+        """Per-token sample, split and mode, from which :func:`allowed` decides
+        attention without an ``[L, L]`` tensor (the form flex attention's
+        ``mask_mod`` takes)."""
+        sample, split, mode = [], [], []
+        split_id = 0
+        for s_id, (lens, modes) in enumerate(zip(self.split_lens, self.split_modes)):
+            for n, m in zip(lens, modes):
+                sample += [s_id] * n
+                split += [split_id] * n
+                mode += [_MODES[m]] * n
+                split_id += 1
+        t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return MaskMetadata(t(sample), t(split), t(mode), torch.arange(self.length))
+
     def order(self) -> tuple[Tensor, Tensor]:
         """``(order, slot)``: the understanding-first order of the slots, and each slot's place in it."""
         is_gen = torch.zeros(self.length, dtype=torch.bool)
@@ -147,20 +162,28 @@ class PackedBatch:
         return order, slot
 
     def model_input(
-        self, latents: Tensor, timesteps: Tensor, device: torch.device | str = "cpu"
+        self, latents: Tensor, timesteps: Tensor, device: torch.device | str = "cpu", flex: bool | None = None
     ) -> tuple[SequenceInput, Tensor]:
         """The model's input (understanding first) on ``device``, and ``slot``
         (on ``device`` too), mapping natural indexes to the model's order.
+
+        The attention mask is a flex-attention block mask when ``flex`` (default:
+        on CUDA), else a dense ``[L, L]`` bool tensor.
 
         Args:
             latents: ``[n_lat, p*p*z]`` latent tokens (noised where generated), in natural order.
             timesteps: ``[n_lat]`` flow time of each latent token (0 for clean images).
         """
         order, slot = self.order()
-        mask = self.attention_mask()[order][:, order]
+        if flex is None:
+            flex = torch.device(device).type == "cuda"  # flex attention's backward needs a GPU
+        if flex:
+            mask = AttnMask.flex(flex_block_mask(self.token_metadata().permute(order), self.length, device))
+        else:
+            mask = AttnMask.dense(self.attention_mask()[order][:, order].to(device))
         inp = SequenceInput(
             positions=self.position_ids[order].to(device),
-            mask=AttnMask.dense(mask.to(device)),
+            mask=mask,
             num_und=self.length - self.latent_indexes.numel(),
             text_ids=self.text_ids.to(device),
             text_indexes=slot[self.text_indexes].to(device),
@@ -174,6 +197,47 @@ class PackedBatch:
             latent_indexes=slot[self.latent_indexes].to(device),
         )
         return inp, slot.to(device)
+
+
+_MODES = {"causal": 0, "full": 1, "noise": 2}
+
+
+@dataclass
+class MaskMetadata:
+    """Per-token ``[L]`` tensors describing a packed sequence's attention rule."""
+
+    sample: Tensor
+    split: Tensor
+    mode: Tensor
+    index: Tensor
+
+    def permute(self, order: Tensor) -> MaskMetadata:
+        return MaskMetadata(self.sample[order], self.split[order], self.mode[order], self.index[order])
+
+
+def allowed(meta: MaskMetadata, q: Tensor, kv: Tensor) -> Tensor:
+    """Whether query token ``q`` may attend to key token ``kv`` (broadcasting index tensors).
+
+    Same sample only; a key in an earlier split, or in the query's own split
+    (causally for text); and no key inside a ``noise`` split except for
+    queries of that split (spec section 8).
+    """
+    same_split = meta.split[q] == meta.split[kv]
+    within = same_split & ((meta.mode[q] != _MODES["causal"]) | (meta.index[kv] <= meta.index[q]))
+    earlier = (meta.split[kv] < meta.split[q]) & (meta.mode[kv] != _MODES["noise"])
+    return (meta.sample[q] == meta.sample[kv]) & (earlier | within)
+
+
+def flex_block_mask(meta: MaskMetadata, length: int, device: torch.device | str):
+    """A flex-attention ``BlockMask`` of :func:`allowed` for a sequence of ``length`` tokens."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    meta = MaskMetadata(*(t.to(device) for t in (meta.sample, meta.split, meta.mode, meta.index)))
+
+    def mask_mod(b, h, q, kv):
+        return allowed(meta, q, kv)
+
+    return create_block_mask(mask_mod, None, None, length, length, device=str(device))
 
 
 def pack(
