@@ -3,6 +3,7 @@ pixel <-> tensor mapping (spec section 4; golden case 6)."""
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -19,34 +20,41 @@ log = logging.getLogger(__name__)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
-    """Open an image file (or pass a PIL image through) and convert it with :func:`to_rgb`.
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open an image file, or the bytes of one (or pass a PIL image through),
+    and convert it with :func:`to_rgb`.
 
     Raises:
         InvalidInputError: the file does not exist or is not an image Pillow can read.
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    if not isinstance(source, (str, Path)):
-        raise InvalidInputError(f"expected an image path or a PIL image, got {type(source).__name__}")
-    path = Path(source)
+    if isinstance(source, (bytes, bytearray)):
+        path, opened = None, io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        path = opened = Path(source)
+        try:
+            is_file = path.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise InvalidInputError(f"bad image path {str(path)[:80]!r}...: {e.strerror}") from None
+        if not is_file:
+            raise InvalidInputError(f"image file not found: {str(path)!r}")
+    else:
+        raise InvalidInputError(f"expected an image path, image bytes or a PIL image, got {type(source).__name__}")
     try:
-        is_file = path.is_file()
-    except OSError as e:  # e.g. a name too long for the file system
-        raise InvalidInputError(f"bad image path {str(path)[:80]!r}...: {e.strerror}") from None
-    if not is_file:
-        raise InvalidInputError(f"image file not found: {str(path)!r}")
-    try:
-        with Image.open(path) as img:
+        with Image.open(opened) as img:
             img.load()
             # Camera photos store their rotation in EXIF; the reference ignores
             # it, we show the model the image the way it is displayed.
             return to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError:
+        where = f"{path}: " if path else ""
         raise InvalidInputError(
-            f"{path}: the image is too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
+            f"{where}the image is too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if path is None:  # bytes: Pillow's message only names a BytesIO object
+            raise InvalidInputError(f"not an image file Pillow can read ({e.__class__.__name__})") from None
         raise InvalidInputError(f"{path}: not an image file Pillow can read ({e.__class__.__name__}: {e})") from None
 
 

@@ -106,3 +106,16 @@ def test_exif_orientation_applied(tmp_path):
 def test_overlong_path(tmp_path):
     with pytest.raises(InvalidInputError, match="bad image path"):
         load_image(tmp_path / ("a" * 300 + ".png"))
+
+
+def test_image_bytes(tmp_path):
+    import io
+
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (20, 40)  # same rules as files, EXIF included
+    with pytest.raises(InvalidInputError, match=r"^not an image file Pillow can read \(UnidentifiedImageError\)$"):
+        load_image(b"garbage")

@@ -184,17 +184,11 @@ def _section(cfg: dict, name: str, cls):
         raise ConfigError(f"'{name}': {e}") from None
 
 
-def _nonneg_int(section: dict, key: str, default: int, where: str) -> int:
+def _int(section: dict, key: str, default: int, where: str, minimum: int = 1) -> int:
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"'{where}': {key} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _positive_int(section: dict, key: str, default: int, where: str) -> int:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"'{where}': {key} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"'{where}': {key} must be {kind}, got {value!r}")
     return value
 
 
@@ -257,9 +251,7 @@ def _sources(
         if not weight > 0:
             raise ConfigError(f"data[{k}].weight must be > 0, got {weight}")
         if kind == "demo":
-            records = demo_records(
-                _positive_int(e, "count", 200, f"data[{k}]"), _nonneg_int(e, "seed", 0, f"data[{k}]")
-            )
+            records = demo_records(_int(e, "count", 200, f"data[{k}]"), _int(e, "seed", 0, f"data[{k}]", minimum=0))
             out.append((weight, lambda r=records: iter(RecordSource(r, builder, rng)), "demo"))
             continue
         if kind not in ("t2i_parquet", "edit_parquet", "llava_jsonl"):
@@ -343,7 +335,7 @@ def train(
     config_path = Path(config_path)
     cfg = load_run_config(config_path)
     base = config_path.resolve().parent
-    seed = _nonneg_int(cfg, "seed", 0, "config")
+    seed = _int(cfg, "seed", 0, "config", minimum=0)
     optim = _section(cfg, "optim", OptimConfig)
     if max_steps is not None:
         if max_steps < 1:
@@ -353,9 +345,9 @@ def train(
     batch_cfg = cfg.get("batch") or {}
     if not isinstance(batch_cfg, dict) or set(batch_cfg) - {"max_tokens", "accumulation"}:
         raise ConfigError("'batch' takes max_tokens and accumulation")
-    max_tokens = _positive_int(batch_cfg, "max_tokens", 2048, "batch")
-    accumulation = _positive_int(batch_cfg, "accumulation", 1, "batch")
-    log_every = _positive_int(cfg, "log_every", 10, "config")
+    max_tokens = _int(batch_cfg, "max_tokens", 2048, "batch")
+    accumulation = _int(batch_cfg, "accumulation", 1, "batch")
+    log_every = _int(cfg, "log_every", 10, "config")
     model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
     config = model.config  # before any LoRA wrapper
     lora_cfg = cfg.get("lora")
@@ -365,7 +357,7 @@ def train(
         unknown = set(lora_cfg) - {"r", "alpha", "targets", "dropout", "merge"}
         if unknown:
             raise ConfigError(f"'lora': unknown field(s) {sorted(unknown)}; known: alpha, dropout, merge, r, targets")
-        r = _positive_int(lora_cfg, "r", 16, "lora")
+        r = _int(lora_cfg, "r", 16, "lora")
         alpha = _coerce(lora_cfg.get("alpha", 32), "float", "'lora.alpha'")
         lora_dropout = _coerce(lora_cfg.get("dropout", 0.0), "float", "'lora.dropout'")
         _coerce(lora_cfg.get("merge", True), "bool", "'lora.merge'")
@@ -425,7 +417,7 @@ def train(
     elif rank == 0 and ((output / "log.jsonl").exists() or (output / "state").exists()):
         raise ConfigError(f"{output} already holds a run; continue it with --resume, or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
-    save_every = _nonneg_int(cfg, "save_every", 0, "config")
+    save_every = _int(cfg, "save_every", 0, "config", minimum=0)
     end = min(optim.max_steps, stop_at) if stop_at is not None else optim.max_steps
     log_file = (output / "log.jsonl").open("a") if rank == 0 else None
     steps = range(trainer.step_count, end)

@@ -307,6 +307,19 @@ def new_model(config: BagelConfig, seed: int = 0) -> Bagel:
 # --- checkpoints for resuming ---------------------------------------------------------
 
 
+def _state(trainer: Trainer, extra: dict | None) -> dict:
+    """The checkpointed state of a run (also the template :func:`load_state` fills)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    return {
+        "model": model_sd,
+        "optim": optim_sd,
+        "ema": trainer.ema.shadow if trainer.ema is not None else {},
+        "trainer": {"step": trainer.step_count, "generator": trainer.generator.get_state(), "extra": dict(extra or {})},
+    }
+
+
 def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> None:
     """Save everything a run needs to continue exactly (model, optimiser, EMA,
     step, random state, and ``extra``) with ``torch.distributed.checkpoint``
@@ -314,15 +327,8 @@ def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) 
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    state = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "ema": trainer.ema.shadow if trainer.ema is not None else {},
-        "trainer": {"step": trainer.step_count, "generator": trainer.generator.get_state(), "extra": dict(extra or {})},
-    }
+    state = _state(trainer, extra)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed.*")
         warnings.filterwarnings("ignore", message=".*existing checkpoint.*")  # a run's state is replaced on purpose
@@ -344,17 +350,11 @@ def load_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) 
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not (Path(folder) / ".metadata").exists():
         raise FileNotFoundError(f"no saved training state in {folder}")
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    state = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "ema": trainer.ema.shadow if trainer.ema is not None else {},
-        "trainer": {"step": 0, "generator": trainer.generator.get_state(), "extra": dict(extra or {})},
-    }
+    state = _state(trainer, extra)  # loaded in place, key by key
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed.*")
