@@ -246,6 +246,7 @@ def save_checkpoint(
     vae: BagelVAE,
     tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder in the official layout that :func:`load_model`,
     :func:`load_vae` and the reference code read: ``ema.safetensors``,
@@ -258,6 +259,8 @@ def save_checkpoint(
 
     Args:
         dtype: store the weights in this dtype (default: as they are).
+        state_dict: the weights to write (default ``model.state_dict()``; pass
+            the gathered full state dict of a sharded model).
     """
     import json
     import os
@@ -280,7 +283,7 @@ def save_checkpoint(
         os.replace(tmp, folder / name)
 
     config = model.config
-    write(MODEL_FILE, lambda p: save_file(tensors(model.state_dict()), str(p)))
+    write(MODEL_FILE, lambda p: save_file(tensors(model.state_dict() if state_dict is None else state_dict), str(p)))
     write(VAE_FILE, lambda p: save_file(tensors(to_flux_state_dict(vae.ae.state_dict(), config.vae)), str(p)))
     for name, content in (
         ("llm_config.json", llm_config_json(config)),

@@ -64,6 +64,9 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"optim": {"max_steps": 3.5}}, "'optim.max_steps' must be int"),
         ({"optim": {"betas": 0.9}}, "'optim.betas' must be a pair of numbers"),
         ({"optim": {"lr": "fast"}}, "'optim.lr' must be float"),
+        ({"device": "tpu"}, "'device' must be auto, cpu or cuda"),
+        ({"precision": "fp16"}, "'precision' must be fp32 or bf16"),
+        ({"parallel": "zero3"}, "'parallel' must be auto, ddp or fsdp"),
     ],
 )
 def test_bad_configs(tmp_path, tiny_dir, overrides, message):
@@ -249,3 +252,102 @@ def test_lora_runs_are_reproducible(tmp_path, tiny_dir):
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_two_ranks_resume_equal_one_rank(tmp_path, tiny_dir):
+    """torchrun, 2 processes, FSDP2 over gloo, one single-sample pack each (so the
+    ViT is unused on one rank and the generation expert on the other), stopped
+    after 2 steps and resumed from the sharded state == 1 process taking both
+    packs by accumulation, 4 steps straight."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def cfg(name: str, accumulation: int, **extra) -> Path:
+        return _config(
+            tmp_path,
+            tiny_dir,
+            batch={"max_tokens": 20, "accumulation": accumulation},  # every sample packed alone
+            # an eps above rounding noise: the k-projection biases have exactly zero
+            # gradient in theory, and Adam with eps 1e-15 would turn their noise into lr-sized steps
+            optim={"max_steps": 4, "lr": 1e-3, "eps": 1e-6},
+            data=[{"kind": "demo", "count": 6}],
+            **extra,
+        ).rename(tmp_path / name)
+
+    single, fsdp = cfg("single.yaml", 2), cfg("fsdp.yaml", 1, parallel="fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(
+        [sys.executable, "-m", "openbagel.cli", "train", str(single), "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\nfrom openbagel.train.run import train\n"
+        "train(sys.argv[1], sys.argv[2], resume=sys.argv[3] == '1', stop_at=int(sys.argv[4]), progress=False)\n"
+    )
+    for resume, stop in (("0", 2), ("1", 4)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver)]
+            + [str(fsdp), str(tmp_path / "two"), resume, str(stop)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss_ce", "loss_mse", "grad_norm"):  # grad_norm: gradients reduced at the right scale
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    wa = load_file(tmp_path / "one" / "checkpoint" / "ema.safetensors")
+    wb = load_file(tmp_path / "two" / "checkpoint" / "ema.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compute_settings():
+    import torch
+
+    from openbagel.train.run import ConfigError, compute_settings
+
+    c = compute_settings({"device": "cpu"})
+    assert (c.device, c.precision, c.parallel) == (torch.device("cpu"), "fp32", "none")
+    c = compute_settings({"device": "cpu", "precision": "bf16"}, environ={"WORLD_SIZE": "2"})
+    assert (c.precision, c.parallel) == ("bf16", "ddp")  # auto: DDP on CPU
+    assert compute_settings({"device": "cpu", "parallel": "fsdp"}, environ={"WORLD_SIZE": "2"}).parallel == "fsdp"
+    assert compute_settings({"device": "cpu", "parallel": "fsdp"}).parallel == "none"  # one process
+    with pytest.raises(ConfigError, match="LoRA runs use 'parallel: ddp'"):
+        compute_settings({"device": "cpu", "parallel": "fsdp"}, lora=True, environ={"WORLD_SIZE": "2"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no GPU"):
+            compute_settings({"device": "cuda"})
+
+
+def test_bf16_mixed_precision_run(tmp_path, tiny_dir):
+    """precision: bf16 trains with bfloat16 compute and float32 weights; its losses
+    follow the float32 run closely."""
+    import torch
+    from safetensors.torch import load_file
+
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _config(tmp_path, tiny_dir, precision=precision, optim={"max_steps": 3, "lr": 1e-3})
+        r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / precision)])
+        assert r.exit_code == 0, r.output
+        logs[precision] = [json.loads(line) for line in (tmp_path / precision / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(logs["fp32"], logs["bf16"], strict=True):
+        assert b["loss_ce"] == pytest.approx(a["loss_ce"], rel=2e-2) and b["loss_ce"] != a["loss_ce"]
+        assert b["loss_mse"] == pytest.approx(a["loss_mse"], rel=2e-2)
+    weights = load_file(tmp_path / "bf16" / "checkpoint" / "ema.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}

@@ -20,6 +20,9 @@ Config (paths relative to the config file)::
     lora: {r: 16, alpha: 32, merge: true}   # optional: train adapters only
     log_every: 10
     seed: 0
+    device: auto        # auto (cuda when there is one, else cpu), cpu, cuda
+    precision: fp32     # or bf16: bfloat16 compute, float32 weights and optimiser state
+    parallel: auto      # under torchrun: fsdp (FSDP2, default on cuda) or ddp (default on cpu)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+from torch import Tensor, nn
 
 from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir, save_checkpoint
 from openbagel.config import BagelConfig, config_from_checkpoint, preset
@@ -65,6 +69,22 @@ from openbagel.train.trainer import (
 log = logging.getLogger(__name__)
 
 
+SECTIONS = (
+    "model",
+    "data",
+    "batch",
+    "dropout",
+    "optim",
+    "lora",
+    "log_every",
+    "save_every",
+    "seed",
+    "device",
+    "precision",
+    "parallel",
+)
+
+
 class ConfigError(OpenBagelError):
     """A training config that cannot be used; the message names the field."""
 
@@ -93,9 +113,9 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a readable YAML file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, optim, ...)")
-    unknown = set(data) - {"model", "data", "batch", "dropout", "optim", "lora", "log_every", "save_every", "seed"}
+    unknown = set(data) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     return data
 
 
@@ -348,6 +368,8 @@ def train(
     max_tokens = _int(batch_cfg, "max_tokens", 2048, "batch")
     accumulation = _int(batch_cfg, "accumulation", 1, "batch")
     log_every = _int(cfg, "log_every", 10, "config")
+    compute = compute_settings(cfg, "lora" in cfg)
+    world, rank, own_group = _init_distributed(compute.device)
     model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
     config = model.config  # before any LoRA wrapper
     lora_cfg = cfg.get("lora")
@@ -382,21 +404,17 @@ def train(
     builder = SampleBuilder(config, tokenizer)
     samples = _mixed(_sources(cfg, base, builder, rng, on_error), rng)
     packs = _packs(samples, max_tokens, config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
-    world, rank, own_group = _init_distributed()
-    forward = None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # CPU/gloo data parallelism; every parameter may be unused by some pack
-        forward = DistributedDataParallel(TrainForward(model), find_unused_parameters=True)
+    vae.to(compute.device)
+    forward = _parallelize(model, compute, world)
     trainer = Trainer(
         model,
         vae,
         optim,
         torch.Generator().manual_seed(seed + 1),
-        all_reduce_sum=_all_reduce_sum if world > 1 else (lambda n: n),
+        all_reduce_sum=(lambda n: _all_reduce_sum(n, compute.device)) if world > 1 else (lambda n: n),
         forward=forward,
         world_size=world,
+        autocast=torch.bfloat16 if compute.precision == "bf16" and compute.parallel != "fsdp" else None,
     )
     if rank != 0:
         echo, progress = (lambda s: None), False
@@ -472,8 +490,9 @@ def train(
         echo(f"LoRA adapter written to {output / 'adapter'}")
         model = model.merge_and_unload() if lora_cfg.get("merge", True) else model.unload()
     checkpoint = output / "checkpoint"
+    weights = _full_state_dict(model) if compute.parallel == "fsdp" else None  # every rank takes part
     if rank == 0:
-        save_checkpoint(checkpoint, model, vae, tokenizer_dir=assets)
+        save_checkpoint(checkpoint, model, vae, tokenizer_dir=assets, state_dict=weights)
     if own_group:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -487,9 +506,122 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def _init_distributed() -> tuple[int, int, bool]:
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a run computes.
+
+    Attributes:
+        device: this process's device (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+        precision: ``fp32``, or ``bf16`` (bfloat16 compute; weights, gradients
+            reduction and optimiser state stay float32).
+        parallel: ``none`` (one process), ``ddp`` or ``fsdp`` (FSDP2 ``fully_shard``).
+    """
+
+    device: torch.device
+    precision: str
+    parallel: str
+
+
+def compute_settings(cfg: dict, lora: bool = False, environ: dict | None = None) -> Compute:
+    """The ``device``, ``precision`` and ``parallel`` settings of a run config,
+    checked before any weights load.
+
+    Raises:
+        ConfigError: an unknown value, CUDA asked for without a GPU, or FSDP
+            with LoRA.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    name = cfg.get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(name, str) or not (name in ("cpu", "cuda") or name.startswith("cuda:")):
+        raise ConfigError(f"'device' must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("'device' is cuda but this PyTorch sees no GPU; use device: cpu (or auto)")
+        if world > 1:
+            if name != "cuda":
+                raise ConfigError("under torchrun use 'device: cuda'; each process takes the GPU of its LOCAL_RANK")
+            name = f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"'device': {name!r} is not a device name") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"'device': {name} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    precision = cfg.get("precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"'precision' must be fp32 or bf16, got {precision!r}")
+    parallel = cfg.get("parallel", "auto")
+    if parallel not in ("auto", "ddp", "fsdp"):
+        raise ConfigError(f"'parallel' must be auto, ddp or fsdp, got {parallel!r}")
+    if world <= 1:
+        parallel = "none"
+    elif parallel == "auto":
+        parallel = "fsdp" if device.type == "cuda" else "ddp"
+    if parallel == "fsdp" and lora:
+        raise ConfigError("LoRA runs use 'parallel: ddp' (adapters are small; each GPU holds the frozen base)")
+    return Compute(device, precision, parallel)
+
+
+def _parallelize(model: nn.Module, compute: Compute, world: int) -> nn.Module | None:
+    """Move the model to its device and wrap it for data parallelism; returns
+    the module to call (None on one process: the model itself).
+
+    FSDP2 shards each decoder layer and then the rest (the root: embeddings,
+    ViT, connectors, heads) over all ranks, applied from outside the model.
+    A pack without images leaves the ViT and the generation expert unused on
+    its rank, so unused parameters take part in the reduce-scatter with zero
+    gradients (FSDP2's ``set_reduce_scatter_unused_params``).
+    """
+    if compute.parallel != "fsdp":
+        model.to(compute.device)
+    if compute.parallel == "none":
+        return None
+    forward = TrainForward(model)
+    if compute.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every parameter may be unused by some pack (no image: no ViT, no generation expert)
+        ids = [compute.device.index] if compute.device.type == "cuda" else None
+        return DistributedDataParallel(forward, device_ids=ids, find_unused_parameters=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from openbagel.model.llm import MoTModel
+
+    mesh = init_device_mesh(compute.device.type, (world,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if compute.precision == "bf16" else None, reduce_dtype=torch.float32
+    )
+    for module in list(model.modules()):
+        if isinstance(module, MoTModel):
+            for layer in module.layers:
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(forward, mesh=mesh, mp_policy=policy)
+    if not hasattr(forward, "set_reduce_scatter_unused_params"):
+        raise ConfigError(
+            "this PyTorch's FSDP2 cannot reduce parameters some ranks leave unused; "
+            "upgrade PyTorch or use 'parallel: ddp'"
+        )
+    forward.set_reduce_scatter_unused_params(True)
+    return forward
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The whole (unsharded) state dict of an FSDP model on CPU; a collective:
+    every rank calls it, rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
     """``(world_size, rank, initialised_here)``; under ``torchrun`` joins the
-    process group (gloo: this trainer runs data parallelism on CPU)."""
+    process group (NCCL on GPUs, gloo on CPU)."""
     import os
 
     import torch.distributed as dist
@@ -499,11 +631,13 @@ def _init_distributed() -> tuple[int, int, bool]:
         return 1, 0, False
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_world_size(), dist.get_rank(), own
 
 
-def _all_reduce_sum(value: float) -> float:
-    t = torch.tensor(float(value), dtype=torch.float64)
+def _all_reduce_sum(value: float, device: torch.device) -> float:
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.item()

@@ -196,6 +196,9 @@ class Trainer:
         world_size: number of data-parallel ranks; a wrapper that averages
             gradients over ranks is compensated, since the losses are already
             normalised by the global token counts.
+        autocast: run the forward under ``torch.autocast`` in this dtype
+            (``torch.bfloat16`` for mixed precision with float32 weights);
+            None = no autocast (full precision, or FSDP's own mixed precision).
     """
 
     def __init__(
@@ -207,9 +210,10 @@ class Trainer:
         all_reduce_sum: Callable[[float], float] = lambda n: n,
         forward: nn.Module | None = None,
         world_size: int = 1,
+        autocast: torch.dtype | None = None,
     ):
         self.model, self.vae, self.cfg = model, vae, cfg
-        self.forward, self.world_size = forward, world_size
+        self.forward, self.world_size, self.autocast = forward, world_size, autocast
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.all_reduce_sum = all_reduce_sum
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -249,25 +253,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = ce = mse = 0.0
         for k, batch in enumerate(batches):
-            last = k == len(batches) - 1
-            sync = (
-                self.forward.no_sync()
-                if self.forward is not None and not last and hasattr(self.forward, "no_sync")
-                else nullcontext()
-            )
-            with sync:
-                losses = compute_losses(
-                    self.model,
-                    self.vae,
-                    batch,
-                    timestep_shift=self.cfg.timestep_shift,
-                    ce_weight=self.cfg.ce_weight,
-                    mse_weight=self.cfg.mse_weight,
-                    num_ce_tokens=n_ce,
-                    num_mse_tokens=n_mse,
-                    generator=generators[k] if generators is not None else self.generator,
-                    forward=self.forward,
-                )
+            with _gradient_sync(self.forward, k == len(batches) - 1):
+                with self._autocast():
+                    losses = compute_losses(
+                        self.model,
+                        self.vae,
+                        batch,
+                        timestep_shift=self.cfg.timestep_shift,
+                        ce_weight=self.cfg.ce_weight,
+                        mse_weight=self.cfg.mse_weight,
+                        num_ce_tokens=n_ce,
+                        num_mse_tokens=n_mse,
+                        generator=generators[k] if generators is not None else self.generator,
+                        forward=self.forward,
+                    )
                 # data-parallel wrappers average gradients over ranks; the losses are
                 # already normalised by global counts, so undo the average
                 (losses.total * self.world_size).backward()
@@ -291,12 +290,45 @@ class Trainer:
             grad_norm=grad_norm,
         )
 
+    def _autocast(self):
+        if self.autocast is None:
+            return nullcontext()
+        device = self.model.vae2llm.weight.device
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+def _gradient_sync(forward: nn.Module | None, sync: bool):
+    """A context in which ``backward`` reduces gradients over ranks only when
+    ``sync`` (the last batch of an accumulation): DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync``; nothing on one process."""
+    if forward is None or sync:
+        return nullcontext()
+    if hasattr(forward, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(forward)
+    if hasattr(forward, "no_sync"):  # DDP
+        return forward.no_sync()
+    return nullcontext()
+
+
+class _fsdp_no_sync:
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+
 
 def _clip(params: list[Tensor], max_norm: float) -> float:
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    """Clip to ``max_norm`` (0 = no clipping: scaled by exactly 1) and return the norm before."""
+    return _scalar(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+
+
+def _scalar(t: Tensor) -> float:
+    """A (possibly FSDP-sharded) scalar as a Python float."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def new_model(config: BagelConfig, seed: int = 0) -> Bagel:
