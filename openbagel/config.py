@@ -135,13 +135,28 @@ class VAEConfig:
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
     resolution: int = 256
+    #: GroupNorm groups (FLUX: 32 groups of 4 channels at its 128 base channels).
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        _positive(self, "in_channels", "out_channels", "base_channels", "num_res_blocks", "z_channels", "scale_factor")
+        _positive(
+            self,
+            "in_channels",
+            "out_channels",
+            "base_channels",
+            "num_res_blocks",
+            "z_channels",
+            "scale_factor",
+            "norm_groups",
+        )
         if not math.isfinite(self.shift_factor):
             raise ValueError(f"shift_factor must be a finite number, got {self.shift_factor!r}")
         if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be positive integers, got {self.channel_mult}")
+        if any(c % self.norm_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"norm_groups ({self.norm_groups}) must divide every channel count {self.block_out_channels}"
+            )
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:
@@ -315,6 +330,11 @@ class BagelConfig:
 # ---------------------------------------------------------------------------
 # Presets
 
+#: Latent scaling of the shapes autoencoder (fitted after its training:
+#: ``latent = scale * (z - shift)`` has zero mean and unit variance).
+SHAPES_VAE_SCALE = 0.463584
+SHAPES_VAE_SHIFT = -0.015128
+
 PRESETS: dict[str, BagelConfig] = {
     "7b-mot": BagelConfig(
         llm=LLMConfig(
@@ -353,11 +373,48 @@ PRESETS: dict[str, BagelConfig] = {
         ),
         text=TextDefaults(max_new_tokens=32, max_think_tokens=64),
     ),
+    # The embedded model of the shapes world (openbagel/assets/shapes): its
+    # tokenizer (512 tokens) and autoencoder are trained on that world; images
+    # are 64 px and never upscaled (a bigger input is scaled down to 64).
+    "shapes": BagelConfig(
+        llm=LLMConfig(
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=512,
+            vocab_size=512,
+            max_position_embeddings=2048,
+        ),
+        vit=ViTConfig(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=384),
+        vae=VAEConfig(
+            base_channels=32,
+            channel_mult=(1, 2, 2, 4),
+            num_res_blocks=1,
+            norm_groups=8,  # 4 channels per group, as FLUX has (1 would erase flat colours)
+            scale_factor=SHAPES_VAE_SCALE,
+            shift_factor=SHAPES_VAE_SHIFT,
+            resolution=64,
+        ),
+        max_latent_size=16,
+        vit_max_num_patch_per_side=16,
+        vae_transform=ImageTransformConfig(64, 32, 16),
+        vit_transform=ImageTransformConfig(70, 28, 14),
+        t2i=ImageTaskDefaults(width=64, height=64, sampling=ImageSampling(num_timesteps=20)),
+        edit=ImageTaskDefaults(
+            width=0,
+            height=0,
+            sampling=ImageSampling(
+                num_timesteps=20, image_guidance_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"
+            ),
+        ),
+        text=TextDefaults(max_new_tokens=16, max_think_tokens=96),
+    ),
 }
 
 
 def preset(name: str) -> BagelConfig:
-    """Return a named preset (``"7b-mot"``, ``"tiny-golden"``).
+    """Return a named preset (``"7b-mot"``, ``"tiny-golden"``, ``"shapes"``).
 
     Raises:
         KeyError: unknown name; the message lists the known ones.

@@ -51,3 +51,18 @@ def test_only_adapters_train_and_merge_is_exact(tmp_path, tiny_dir):
         torch.testing.assert_close(
             merged(text_segment(torch.arange(6), 0)), new_model(CFG, seed=7)(text_segment(torch.arange(6), 0))
         )
+
+
+def test_lora_step_on_a_pack_without_generation_tokens(tiny_dir):
+    """Adapters only on the generation expert and a pack with nothing to generate:
+    a normal step (the loss still reaches the adapters, with zero gradient), not
+    "element 0 of tensors does not require grad"."""
+    model = add_lora(new_model(CFG, seed=8), r=4, alpha=8)
+    batch = pack([[TextSplit(list(b"what is it?")), TextSplit(list(b"a cube"), loss=True)]], CFG, SPECIAL)
+    trainer = Trainer(model, load_vae(tiny_dir, config=CFG), OptimConfig(lr=1e-2))
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = trainer.step([batch])
+    assert stats.loss_ce > 0 and stats.num_mse_tokens == 0
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    assert all(torch.equal(p, adapters[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -32,10 +32,29 @@ def test_example_config_runs_and_exports(tmp_path):
     assert pipe.text_to_image("a red square", seed=0, num_timesteps=2).image.size == (64, 64)
 
 
+def _close(a: float | None, b: float | None, rel: float) -> bool:
+    """Equal within ``rel``, or both None (no loss tokens in the logged interval)."""
+    return (a is None and b is None) or (a is not None and b is not None and b == pytest.approx(a, rel=rel))
+
+
+def test_log_records_are_token_weighted_interval_means():
+    from types import SimpleNamespace
+
+    from openbagel.train.run import _Interval
+
+    interval = _Interval()
+    interval.add(SimpleNamespace(loss=3.0, loss_ce=2.0, num_ce_tokens=10, loss_mse=1.0, num_mse_tokens=4))
+    interval.add(SimpleNamespace(loss=0.5, loss_ce=0.0, num_ce_tokens=0, loss_mse=0.5, num_mse_tokens=12))
+    assert interval.means() == {"loss": 1.75, "loss_ce": 2.0, "loss_mse": (4 * 1.0 + 12 * 0.5) / 16}
+    empty = _Interval()
+    empty.add(SimpleNamespace(loss=0.5, loss_ce=0.0, num_ce_tokens=0, loss_mse=0.5, num_mse_tokens=12))
+    assert empty.means()["loss_ce"] is None
+
+
 def _config(tmp_path, tiny_dir, **overrides) -> Path:
     cfg = {
         "model": {"init": "scratch", "preset": "tiny-golden", "assets": str(tiny_dir)},
-        "data": [{"kind": "demo", "count": 4}],
+        "data": [{"kind": "shapes", "count": 4, "tasks": ["t2i", "qa"]}],
         "batch": {"max_tokens": 256},
         "optim": {"max_steps": 2, "lr": 1e-3},
         "log_every": 1,
@@ -59,11 +78,21 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"lora": True}, "'lora' must be a mapping"),
         ({"lora": {"r": 0}}, "r must be a positive integer"),
         ({"seed": "abc"}, "seed must be an integer"),
-        ({"data": [{"kind": "demo", "weight": 0}]}, "weight must be > 0"),
-        ({"data": [{"kind": "demo", "wieght": 3}]}, "unknown field(s) ['wieght']"),
+        ({"data": [{"kind": "shapes", "weight": 0}]}, "weight must be a finite number > 0"),
+        ({"data": [{"kind": "shapes", "wieght": 3}]}, "unknown field(s) ['wieght']"),
         ({"optim": {"max_steps": 3.5}}, "'optim.max_steps' must be int"),
         ({"optim": {"betas": 0.9}}, "'optim.betas' must be a pair of numbers"),
         ({"optim": {"lr": "fast"}}, "'optim.lr' must be float"),
+        ({"data": [{"kind": "shapes", "tasks": ["dance"]}]}, "unknown shapes task(s) ['dance']"),
+        ({"data": [{"kind": "shapes", "split": "val"}]}, "split must be train or test"),
+        ({"data": [{"kind": "shapes", "tasks": ["t2i"], "weights": [1, 2]}]}, "one finite number >= 0 per task"),
+        ({"data": [{"kind": "shapes", "weights": [1e308, 1e308], "tasks": ["t2i", "qa"]}]}, "finite number"),
+        ({"data": [{"kind": "shapes", "weight": "inf"}]}, "weight must be a finite number > 0"),
+        ({"data": [{"kind": "t2i_parquet", "path": 3}]}, "needs 'path': a file or folder path, got 3"),
+        ({"data": [{"kind": "t2i_parquet", "path": "."}]}, "is a folder; give the parquet file"),
+        ({"model": {"init": 5}}, "init must be 'scratch' or a checkpoint folder"),
+        ({"model": {"init": "scratch", "preset": ["x"], "assets": "."}}, "unknown preset"),
+        ({"model": {"init": "missing-folder"}, "data": [{"kind": "nope"}]}, "unknown kind 'nope'"),  # data first
         ({"device": "tpu"}, "'device' must be auto, cpu or cuda"),
         ({"precision": "fp16"}, "'precision' must be fp32 or bf16"),
         ({"parallel": "zero3"}, "'parallel' must be auto, ddp or fsdp"),
@@ -156,7 +185,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_dir):
             tiny_dir,
             batch={"max_tokens": 200, "accumulation": accumulation},
             optim={"max_steps": 3, "lr": 1e-3},
-            data=[{"kind": "demo", "count": 6}],
+            data=[{"kind": "shapes", "count": 6, "tasks": ["t2i", "qa"]}],
         ).rename(tmp_path / name)
 
     single, double = cfg(2, "single.yaml"), cfg(1, "ddp.yaml")
@@ -180,9 +209,8 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_dir):
     one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     for a, b in zip(one, two, strict=True):
-        assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-5) and a["loss_mse"] == pytest.approx(
-            b["loss_mse"], rel=1e-5
-        )
+        for key in ("loss_ce", "loss_mse"):
+            assert _close(a[key], b[key], 1e-5), (a, b)
     wa = load_file(tmp_path / "one" / "checkpoint" / "ema.safetensors")
     wb = load_file(tmp_path / "two" / "checkpoint" / "ema.safetensors")
     for k in wa:
@@ -226,7 +254,7 @@ def test_yaml_numbers_and_existing_runs(tmp_path, tiny_dir):
     path = tmp_path / "run.yaml"
     path.write_text(
         f"model: {{init: scratch, preset: tiny-golden, assets: {tiny_dir}}}\n"
-        "data: [{kind: demo, count: 4}]\n"
+        "data: [{kind: shapes, count: 4}]\n"
         "optim: {lr: 1e-4, max_steps: 1}\n"
     )
     r = runner.invoke(app, ["train", str(path), "-o", str(tmp_path / "o")])
@@ -274,7 +302,7 @@ def test_fsdp_two_ranks_resume_equal_one_rank(tmp_path, tiny_dir):
             # an eps above rounding noise: the k-projection biases have exactly zero
             # gradient in theory, and Adam with eps 1e-15 would turn their noise into lr-sized steps
             optim={"max_steps": 4, "lr": 1e-3, "eps": 1e-6},
-            data=[{"kind": "demo", "count": 6}],
+            data=[{"kind": "shapes", "count": 6, "tasks": ["t2i", "qa"]}],
             **extra,
         ).rename(tmp_path / name)
 
@@ -308,7 +336,7 @@ def test_fsdp_two_ranks_resume_equal_one_rank(tmp_path, tiny_dir):
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
         for key in ("loss_ce", "loss_mse", "grad_norm"):  # grad_norm: gradients reduced at the right scale
-            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+            assert _close(a[key], b[key], 1e-5), (a["step"], key)
     wa = load_file(tmp_path / "one" / "checkpoint" / "ema.safetensors")
     wb = load_file(tmp_path / "two" / "checkpoint" / "ema.safetensors")
     assert wa.keys() == wb.keys()
@@ -347,7 +375,7 @@ def test_bf16_mixed_precision_run(tmp_path, tiny_dir):
         assert r.exit_code == 0, r.output
         logs[precision] = [json.loads(line) for line in (tmp_path / precision / "log.jsonl").read_text().splitlines()]
     for a, b in zip(logs["fp32"], logs["bf16"], strict=True):
-        assert b["loss_ce"] == pytest.approx(a["loss_ce"], rel=2e-2) and b["loss_ce"] != a["loss_ce"]
-        assert b["loss_mse"] == pytest.approx(a["loss_mse"], rel=2e-2)
+        assert _close(a["loss_ce"], b["loss_ce"], 2e-2) and _close(a["loss_mse"], b["loss_mse"], 2e-2)
+        assert a["loss"] != b["loss"]
     weights = load_file(tmp_path / "bf16" / "checkpoint" / "ema.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float32}

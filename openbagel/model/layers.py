@@ -54,10 +54,11 @@ def by_expert(x: Tensor, num_und: int, und: Callable[[Tensor], Tensor], gen: Cal
         ``[L, ...]``, the two results concatenated in the same order.
     """
     n = x.shape[0]
-    if num_und >= n:
-        return und(x)
-    if num_und <= 0:
-        return gen(x)
+    if not torch.is_grad_enabled():
+        if num_und >= n:
+            return und(x)
+        if num_und <= 0:
+            return gen(x)
     return torch.cat([und(x[:num_und]), gen(x[num_und:])], dim=0)
 
 

@@ -26,7 +26,7 @@ def _diffusers_config(cfg: VAEConfig) -> dict:
         layers_per_block=cfg.num_res_blocks,
         act_fn="silu",
         latent_channels=cfg.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_groups,
         sample_size=cfg.resolution,
         scaling_factor=cfg.scale_factor,
         shift_factor=cfg.shift_factor,

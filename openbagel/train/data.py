@@ -77,6 +77,19 @@ class SampleBuilder:
                 sample += [self.vae(images[k + 1]), self.vit(images[k + 1])]
         return sample
 
+    def reasoned_image(self, prompt: str, plan: str, image: Image.Image) -> Sample:
+        """Thinking before generating: ``[thinking system prompt, prompt (condition),
+        "<think>plan</think>" (loss), image to generate]``, the context that
+        ``text_to_image(..., think=True)`` builds at inference."""
+        from openbagel.pipeline import THINK_GENERATE_PROMPT
+
+        return [
+            self.text(THINK_GENERATE_PROMPT),
+            self.text(prompt, condition=True),
+            self.text(f"<think>{plan}</think>", loss=True),
+            self.vae(image, loss=True),
+        ]
+
     def conversation(self, images: list[Image.Image], turns: list[tuple[str, str]]) -> Sample:
         """LLaVA-style turns; ``<image>`` marks where each image goes (ViT path).
         Assistant turns carry the loss."""
@@ -221,8 +234,10 @@ def read_conversations(path: str | Path, builder: SampleBuilder, on_error: OnErr
 
 
 class RecordSource:
-    """Samples from any iterable of records (``{"kind": "t2i" | "edit" | "chat", ...}``
-    with PIL images), for data generated in memory."""
+    """Samples from any iterable of records with PIL images, for data generated
+    in memory: ``{"kind": "t2i", "caption", "image"}``, ``{"kind": "edit",
+    "images", "instructions"}``, ``{"kind": "chat", "images", "turns"}``,
+    ``{"kind": "think", "prompt", "plan", "image"}``."""
 
     def __init__(self, records: Callable[[], Iterable[dict]], builder: SampleBuilder, rng: random.Random):
         self.records, self.builder, self.rng = records, builder, rng
@@ -237,7 +252,9 @@ class RecordSource:
                     yield self.builder.edit_chain([load_image(x) for x in r["images"]], list(r["instructions"]))
                 elif kind == "chat":
                     yield self.builder.conversation([load_image(x) for x in r.get("images", [])], list(r["turns"]))
+                elif kind == "think":
+                    yield self.builder.reasoned_image(r["prompt"], r["plan"], load_image(r["image"]))
                 else:
-                    raise ValueError(f"unknown record kind {kind!r} (t2i, edit or chat)")
+                    raise ValueError(f"unknown record kind {kind!r} (t2i, edit, chat or think)")
             except (KeyError, ValueError, OpenBagelError) as e:
                 raise DataError("records", i, str(e)) from None

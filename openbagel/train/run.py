@@ -13,7 +13,7 @@ Config (paths relative to the config file)::
       - {kind: t2i_parquet, path: data/t2i.parquet, weight: 2}
       - {kind: edit_parquet, path: data/edit.parquet}
       - {kind: llava_jsonl, path: data/chat.jsonl}
-      - {kind: demo, count: 200}  # coloured shapes made in memory
+      - {kind: shapes, count: 1000, tasks: [t2i, qa]}  # the shapes world, made in memory
     batch: {max_tokens: 2048, accumulation: 1}
     dropout: {text: 0.1, vit: 0.3, vae: 0.3}
     optim: {lr: 1e-4, warmup_steps: 10, max_steps: 100, schedule: cosine}
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir, save_checkpoint
@@ -93,7 +92,7 @@ class ConfigError(OpenBagelError):
 class RunResult:
     steps: int
     checkpoint: Path
-    last: dict[str, float]
+    last: dict[str, float | None]
 
 
 def load_run_config(path: str | Path) -> dict[str, Any]:
@@ -129,28 +128,6 @@ def sample_length(sample: Sample, config: BagelConfig) -> int:
         else:
             n += len(split.ids) + 2
     return n
-
-
-def demo_records(count: int, seed: int) -> Callable[[], Iterator[dict]]:
-    """Coloured shapes on a plain background, with captions and a question each:
-    a small built-in data set for trying the trainer."""
-    colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-    shapes = ("square", "circle")
-
-    def records() -> Iterator[dict]:
-        rng = random.Random(seed)
-        for _ in range(count):
-            color, shape = rng.choice(list(colors)), rng.choice(shapes)
-            img = Image.new("RGB", (64, 64), (245, 245, 245))
-            draw = ImageDraw.Draw(img)
-            x, y, r = rng.randint(16, 48), rng.randint(16, 48), rng.randint(8, 14)
-            box = (x - r, y - r, x + r, y + r)
-            (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colors[color])
-            caption = f"a {color} {shape}"
-            yield {"kind": "t2i", "caption": caption, "image": img}
-            yield {"kind": "chat", "images": [img], "turns": [("human", "<image> What is this?"), ("gpt", caption)]}
-
-    return records
 
 
 def _coerce(value: Any, kind: str, where: str) -> Any:
@@ -212,6 +189,28 @@ def _int(section: dict, key: str, default: int, where: str, minimum: int = 1) ->
     return value
 
 
+def _lora_settings(cfg: dict) -> dict[str, Any] | None:
+    """The checked ``lora`` section (None without one)."""
+    if "lora" not in cfg:
+        return None
+    lora_cfg = cfg["lora"]
+    if not isinstance(lora_cfg, dict):
+        raise ConfigError(f"'lora' must be a mapping (use 'lora: {{}}' for the defaults), got {lora_cfg!r}")
+    unknown = set(lora_cfg) - {"r", "alpha", "targets", "dropout", "merge"}
+    if unknown:
+        raise ConfigError(f"'lora': unknown field(s) {sorted(unknown)}; known: alpha, dropout, merge, r, targets")
+    targets = lora_cfg.get("targets", DEFAULT_TARGETS)
+    if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ConfigError(f"'lora.targets' must be a regex or a list of module names, got {targets!r}")
+    return {
+        "r": _int(lora_cfg, "r", 16, "lora"),
+        "alpha": _coerce(lora_cfg.get("alpha", 32), "float", "'lora.alpha'"),
+        "dropout": _coerce(lora_cfg.get("dropout", 0.0), "float", "'lora.dropout'"),
+        "merge": _coerce(lora_cfg.get("merge", True), "bool", "'lora.merge'"),
+        "targets": targets,
+    }
+
+
 def _build_model(model_cfg: dict, base: Path, seed: int):
     """``(model, vae, tokenizer, assets folder)`` from the config's ``model`` section."""
     if not isinstance(model_cfg, dict):
@@ -220,16 +219,19 @@ def _build_model(model_cfg: dict, base: Path, seed: int):
     if unknown:
         raise ConfigError(f"'model': unknown field(s) {sorted(unknown)}")
     init = model_cfg.get("init", "scratch")
+    if not isinstance(init, str):
+        raise ConfigError(f"model: init must be 'scratch' or a checkpoint folder, got {init!r}")
     if init == "scratch":
         if "preset" not in model_cfg or "assets" not in model_cfg:
             raise ConfigError(
                 "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
             )
+        name = model_cfg["preset"]
         try:
-            config = preset(model_cfg["preset"])
+            config = preset(name) if isinstance(name, str) else preset(repr(name))
         except KeyError as e:
             raise ConfigError(f"model: {e.args[0]}") from None
-        assets = base / model_cfg["assets"]
+        assets = base / _path_field(model_cfg, "assets", "model")
         if not assets.is_dir():
             raise ConfigError(f"model: assets folder {assets} does not exist")
         model = init_weights(Bagel(config), seed=seed)
@@ -253,9 +255,21 @@ def _build_model(model_cfg: dict, base: Path, seed: int):
     return model, vae, tokenizer, assets
 
 
-def _sources(
-    cfg: dict, base: Path, builder: SampleBuilder, rng: random.Random, on_error
-) -> list[tuple[float, Callable]]:
+@dataclass(frozen=True)
+class _Source:
+    """One validated ``data`` entry."""
+
+    kind: str
+    weight: float
+    label: str
+    path: Path | None = None
+    world: Any = None  # a WorldSource for kind "shapes"
+
+
+def _data_sources(cfg: dict, base: Path) -> list[_Source]:
+    """The ``data`` entries, checked (kinds, fields, weights, paths) before any weights load."""
+    import math
+
     entries = cfg.get("data")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("'data' must be a non-empty list of sources")
@@ -264,32 +278,77 @@ def _sources(
         if not isinstance(e, dict) or "kind" not in e:
             raise ConfigError(f"data[{k}] must be a mapping with a 'kind'")
         kind = e["kind"]
-        allowed = {"kind", "weight", "count", "seed"} if kind == "demo" else {"kind", "weight", "path"}
+        allowed = (
+            {"kind", "weight", "count", "seed", "split", "tasks", "weights"}
+            if kind == "shapes"
+            else {"kind", "weight", "path"}
+        )
         if set(e) - allowed:
             raise ConfigError(f"data[{k}]: unknown field(s) {sorted(set(e) - allowed)}; known: {sorted(allowed)}")
         weight = _coerce(e.get("weight", 1.0), "float", f"data[{k}].weight")
-        if not weight > 0:
-            raise ConfigError(f"data[{k}].weight must be > 0, got {weight}")
-        if kind == "demo":
-            records = demo_records(_int(e, "count", 200, f"data[{k}]"), _int(e, "seed", 0, f"data[{k}]", minimum=0))
-            out.append((weight, lambda r=records: iter(RecordSource(r, builder, rng)), "demo"))
+        if not 0 < weight < math.inf:
+            raise ConfigError(f"data[{k}].weight must be a finite number > 0, got {weight}")
+        if kind == "shapes":
+            out.append(_Source(kind, weight, "shapes world", world=_shapes_source(e, f"data[{k}]")))
             continue
         if kind not in ("t2i_parquet", "edit_parquet", "llava_jsonl"):
             raise ConfigError(
-                f"data[{k}]: unknown kind {kind!r}; choose from demo, t2i_parquet, edit_parquet, llava_jsonl"
+                f"data[{k}]: unknown kind {kind!r}; choose from shapes, t2i_parquet, edit_parquet, llava_jsonl"
             )
-        if "path" not in e:
-            raise ConfigError(f"data[{k}] ({kind}) needs a 'path'")
-        path = (base / e["path"]).resolve()
+        path = base / _path_field(e, "path", f"data[{k}] ({kind})")
         if not path.exists():
             raise ConfigError(f"data[{k}]: {path} does not exist")
-        readers = {
-            "t2i_parquet": lambda p=path: read_text_to_image(p, builder, rng, on_error),
-            "edit_parquet": lambda p=path: read_edit(p, builder, rng, on_error),
-            "llava_jsonl": lambda p=path: read_conversations(p, builder, on_error),
-        }
-        out.append((weight, readers[kind], str(path)))
+        if path.is_dir():
+            raise ConfigError(f"data[{k}]: {path} is a folder; give the {kind.split('_')[-1]} file")
+        out.append(_Source(kind, weight, str(path.resolve()), path=path.resolve()))
+    if not math.isfinite(sum(s.weight for s in out)):
+        raise ConfigError("the data weights are too large; use weights like 1, 2 or 0.5")
     return out
+
+
+def _path_field(section: dict, key: str, where: str) -> str:
+    value = section.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} needs '{key}': a file or folder path, got {value!r}")
+    return value
+
+
+def _reader(src: _Source, builder: SampleBuilder, rng: random.Random, on_error) -> Callable[[], Iterator[Sample]]:
+    """A function starting a new pass over one source."""
+    if src.kind == "shapes":
+        return lambda: iter(RecordSource(src.world, builder, rng))
+    if src.kind == "t2i_parquet":
+        return lambda: read_text_to_image(src.path, builder, rng, on_error)
+    if src.kind == "edit_parquet":
+        return lambda: read_edit(src.path, builder, rng, on_error)
+    return lambda: read_conversations(src.path, builder, on_error)
+
+
+def _shapes_source(e: dict, where: str):
+    """The shapes world as an in-memory source (``count`` records per pass)."""
+    from openbagel.shapes.world import TASKS, WorldSource
+
+    tasks = e.get("tasks", list(TASKS))
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"{where}.tasks must be a list of task names ({', '.join(TASKS)})")
+    weights = e.get("weights")
+    if weights is not None:
+        if not isinstance(weights, list):
+            raise ConfigError(f"{where}.weights must be a list of numbers, one per task")
+        weights = tuple(_coerce(w, "float", f"{where}.weights") for w in weights)
+    split = e.get("split", "train")
+    if split not in ("train", "test"):
+        raise ConfigError(f"{where}.split must be train or test, got {split!r}")
+    try:
+        return WorldSource(
+            count=_int(e, "count", 1000, where),
+            seed=_int(e, "seed", 0, where, minimum=0),
+            split=split,
+            tasks=tuple(tasks),
+            weights=weights,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _mixed(sources: list[tuple[float, Callable, str]], rng: random.Random) -> Iterator[Sample]:
@@ -369,28 +428,21 @@ def train(
     accumulation = _int(batch_cfg, "accumulation", 1, "batch")
     log_every = _int(cfg, "log_every", 10, "config")
     compute = compute_settings(cfg, "lora" in cfg)
+    lora_cfg = _lora_settings(cfg)
+    data_sources = _data_sources(cfg, base)  # checked before the weights load
     world, rank, own_group = _init_distributed(compute.device)
     model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
     config = model.config  # before any LoRA wrapper
-    lora_cfg = cfg.get("lora")
-    if "lora" in cfg:
-        if not isinstance(lora_cfg, dict):
-            raise ConfigError(f"'lora' must be a mapping (use 'lora: {{}}' for the defaults), got {lora_cfg!r}")
-        unknown = set(lora_cfg) - {"r", "alpha", "targets", "dropout", "merge"}
-        if unknown:
-            raise ConfigError(f"'lora': unknown field(s) {sorted(unknown)}; known: alpha, dropout, merge, r, targets")
-        r = _int(lora_cfg, "r", 16, "lora")
-        alpha = _coerce(lora_cfg.get("alpha", 32), "float", "'lora.alpha'")
-        lora_dropout = _coerce(lora_cfg.get("dropout", 0.0), "float", "'lora.dropout'")
-        _coerce(lora_cfg.get("merge", True), "bool", "'lora.merge'")
-        targets = lora_cfg.get("targets", DEFAULT_TARGETS)
-        if not isinstance(targets, str) and not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-        ):
-            raise ConfigError(f"'lora.targets' must be a regex or a list of module names, got {targets!r}")
+    if lora_cfg is not None:
         torch.manual_seed(seed)  # peft draws the adapters' initial values from the global generator
         try:
-            model = add_lora(model, r=r, alpha=alpha, targets=targets, dropout=lora_dropout)
+            model = add_lora(
+                model,
+                r=lora_cfg["r"],
+                alpha=lora_cfg["alpha"],
+                targets=lora_cfg["targets"],
+                dropout=lora_cfg["dropout"],
+            )
         except ValueError as e:
             raise ConfigError(f"'lora': {e}") from None
 
@@ -402,7 +454,7 @@ def train(
 
     on_error = on_skip if skip_bad_rows else None
     builder = SampleBuilder(config, tokenizer)
-    samples = _mixed(_sources(cfg, base, builder, rng, on_error), rng)
+    samples = _mixed([(src.weight, _reader(src, builder, rng, on_error), src.label) for src in data_sources], rng)
     packs = _packs(samples, max_tokens, config, tokenizer.special, dropout, torch.Generator().manual_seed(seed))
     vae.to(compute.device)
     forward = _parallelize(model, compute, world)
@@ -443,8 +495,9 @@ def train(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="training", unit="step")
-    last: dict[str, float] = {}
+    last: dict[str, float | None] = {}
     tokens, t0 = 0, time.perf_counter()
+    interval = _Interval()
     try:
         for _ in steps:
             # each step takes accumulation x world packs of the stream; this rank
@@ -456,15 +509,14 @@ def train(
             stats = trainer.step(group[first : first + accumulation], gens)
             consumed += accumulation * world
             tokens += stats.num_tokens
+            interval.add(stats)
             if save_every and stats.step % save_every == 0:
                 save_state(trainer, output / "state", {"packs": consumed})
             if stats.step % log_every == 0 or stats.step == optim.max_steps:
                 elapsed = time.perf_counter() - t0
                 last = {
                     "step": stats.step,
-                    "loss": stats.loss,
-                    "loss_ce": stats.loss_ce,
-                    "loss_mse": stats.loss_mse,
+                    **interval.means(),
                     "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
                     "lr": stats.lr,
                     "grad_norm": stats.grad_norm,
@@ -472,11 +524,13 @@ def train(
                 if log_file is not None:
                     log_file.write(json.dumps(last) + "\n")
                     log_file.flush()
+                ce, mse = (f"{v:.4f}" if v is not None else "-" for v in (last["loss_ce"], last["loss_mse"]))
                 echo(
-                    f"step {stats.step}: loss {stats.loss:.4f} (ce {stats.loss_ce:.4f}, mse {stats.loss_mse:.4f}) "
+                    f"step {stats.step}: loss {last['loss']:.4f} (ce {ce}, mse {mse}) "
                     f"lr {stats.lr:.2e} {last['tokens_per_s']:.0f} tok/s"
                 )
                 tokens, t0 = 0, time.perf_counter()
+                interval = _Interval()
     finally:
         if log_file is not None:
             log_file.close()
@@ -488,7 +542,7 @@ def train(
     if lora_cfg is not None:
         save_adapter(model, output / "adapter")
         echo(f"LoRA adapter written to {output / 'adapter'}")
-        model = model.merge_and_unload() if lora_cfg.get("merge", True) else model.unload()
+        model = model.merge_and_unload() if lora_cfg["merge"] else model.unload()
     checkpoint = output / "checkpoint"
     weights = _full_state_dict(model) if compute.parallel == "fsdp" else None  # every rank takes part
     if rank == 0:
@@ -497,6 +551,31 @@ def train(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return RunResult(trainer.step_count, checkpoint, last)
+
+
+class _Interval:
+    """Losses of the steps since the last log record: ``loss`` is the mean per
+    step, ``loss_ce``/``loss_mse`` are weighted by each step's loss tokens (a
+    step without text to predict does not pull the CE mean to 0; with no such
+    tokens in the whole interval the value is None, ``null`` in the log)."""
+
+    def __init__(self) -> None:
+        self.steps, self.loss, self.ce, self.n_ce, self.mse, self.n_mse = 0, 0.0, 0.0, 0, 0.0, 0
+
+    def add(self, stats) -> None:
+        self.steps += 1
+        self.loss += stats.loss
+        self.ce += stats.loss_ce * stats.num_ce_tokens
+        self.n_ce += stats.num_ce_tokens
+        self.mse += stats.loss_mse * stats.num_mse_tokens
+        self.n_mse += stats.num_mse_tokens
+
+    def means(self) -> dict[str, float | None]:
+        return {
+            "loss": self.loss / max(self.steps, 1),
+            "loss_ce": self.ce / self.n_ce if self.n_ce else None,
+            "loss_mse": self.mse / self.n_mse if self.n_mse else None,
+        }
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -273,6 +273,12 @@ class Trainer:
             total, ce, mse = total + losses.total.item(), ce + losses.ce.item(), mse + losses.mse.item()
         total, ce, mse = (float(self.all_reduce_sum(v)) for v in (total, ce, mse))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            # a parameter no batch of this step used (the ViT of a text-only step)
+            # gets a zero gradient, as under FSDP and in the reference's FSDP1 flat
+            # parameters: its Adam state still decays, the same on any rank layout
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grad_norm = _clip(params, self.cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
