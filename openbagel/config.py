@@ -332,8 +332,8 @@ class BagelConfig:
 
 #: Latent scaling of the shapes autoencoder (fitted after its training:
 #: ``latent = scale * (z - shift)`` has zero mean and unit variance).
-SHAPES_VAE_SCALE = 0.463584
-SHAPES_VAE_SHIFT = -0.015128
+SHAPES_VAE_SCALE = 0.535241
+SHAPES_VAE_SHIFT = 0.000092
 
 PRESETS: dict[str, BagelConfig] = {
     "7b-mot": BagelConfig(

@@ -91,7 +91,7 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"data": [{"kind": "t2i_parquet", "path": 3}]}, "needs 'path': a file or folder path, got 3"),
         ({"data": [{"kind": "t2i_parquet", "path": "."}]}, "is a folder; give the parquet file"),
         ({"model": {"init": 5}}, "init must be 'scratch' or a checkpoint folder"),
-        ({"model": {"init": "scratch", "preset": ["x"], "assets": "."}}, "unknown preset"),
+        ({"model": {"init": "scratch", "preset": ["x"], "assets": "."}}, "preset must be a preset name"),
         ({"model": {"init": "missing-folder"}, "data": [{"kind": "nope"}]}, "unknown kind 'nope'"),  # data first
         ({"device": "tpu"}, "'device' must be auto, cpu or cuda"),
         ({"precision": "fp16"}, "'precision' must be fp32 or bf16"),

@@ -226,9 +226,12 @@ def _build_model(model_cfg: dict, base: Path, seed: int):
             raise ConfigError(
                 "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
             )
-        name = model_cfg["preset"]
+        if not isinstance(model_cfg["preset"], str):
+            raise ConfigError(
+                f"model: preset must be a preset name (7b-mot, tiny-golden, shapes), got {model_cfg['preset']!r}"
+            )
         try:
-            config = preset(name) if isinstance(name, str) else preset(repr(name))
+            config = preset(model_cfg["preset"])
         except KeyError as e:
             raise ConfigError(f"model: {e.args[0]}") from None
         assets = base / _path_field(model_cfg, "assets", "model")
@@ -328,23 +331,17 @@ def _shapes_source(e: dict, where: str):
     """The shapes world as an in-memory source (``count`` records per pass)."""
     from openbagel.shapes.world import TASKS, WorldSource
 
-    tasks = e.get("tasks", list(TASKS))
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ConfigError(f"{where}.tasks must be a list of task names ({', '.join(TASKS)})")
     weights = e.get("weights")
     if weights is not None:
         if not isinstance(weights, list):
             raise ConfigError(f"{where}.weights must be a list of numbers, one per task")
         weights = tuple(_coerce(w, "float", f"{where}.weights") for w in weights)
-    split = e.get("split", "train")
-    if split not in ("train", "test"):
-        raise ConfigError(f"{where}.split must be train or test, got {split!r}")
     try:
         return WorldSource(
             count=_int(e, "count", 1000, where),
             seed=_int(e, "seed", 0, where, minimum=0),
-            split=split,
-            tasks=tuple(tasks),
+            split=e.get("split", "train"),
+            tasks=e.get("tasks", TASKS),
             weights=weights,
         )
     except ValueError as err:
