@@ -65,9 +65,6 @@ def cell_name(cell: Cell) -> str:
     return f"{ROWS[r]} {COLS[c]}"
 
 
-CELL_NAMES = {cell_name((r, c)): (r, c) for r in range(3) for c in range(3)}
-
-
 def where(cell: Cell) -> str:
     """The cell with its preposition: "in the top left", "at the top", "on the left", "in the center"."""
     name = cell_name(cell)
