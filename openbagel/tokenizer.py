@@ -18,9 +18,39 @@ SPECIAL_TOKENS = {
     "end_of_image": "<|vision_end|>",
 }
 
+#: Qwen2's special tokens, in Qwen2's order (the ids follow the vocabulary);
+#: the tokenizers this project writes carry them all.
+QWEN2_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+]
+
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 log = logging.getLogger(__name__)
+
+
+def write_tokenizer_files(tok, folder: str | Path) -> Path:
+    """Save a ``tokenizers.Tokenizer`` as the standard Hugging Face files
+    (``tokenizer.json``, ``tokenizer_config.json``; end of text ``<|im_end|>``,
+    padding ``<|endoftext|>``) that :meth:`Tokenizer.from_folder` reads."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)
+    return folder
 
 
 class Tokenizer:

@@ -51,6 +51,21 @@ def test_log_records_are_token_weighted_interval_means():
     assert empty.means()["loss_ce"] is None
 
 
+def _train_in_subprocess(config: Path, output: Path, env: dict) -> None:
+    """``openbagel train CONFIG -o OUTPUT`` in a fresh process (one rank)."""
+    import subprocess
+    import sys
+
+    one = subprocess.run(
+        [sys.executable, "-m", "openbagel.cli", "train", str(config), "-o", str(output)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+
 def _config(tmp_path, tiny_dir, **overrides) -> Path:
     cfg = {
         "model": {"init": "scratch", "preset": "tiny-golden", "assets": str(tiny_dir)},
@@ -192,14 +207,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_dir):
     # one thread per process on both sides, so the arithmetic is the same: with
     # Adam's tiny eps, even rounding noise in near-zero gradients moves weights by ~lr
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run(
-        [sys.executable, "-m", "openbagel.cli", "train", str(single), "-o", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    _train_in_subprocess(single, tmp_path / "one", env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "openbagel.cli"]
     proc = subprocess.run(
         [*cmd, "train", str(double), "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
@@ -308,14 +316,7 @@ def test_fsdp_two_ranks_resume_equal_one_rank(tmp_path, tiny_dir):
 
     single, fsdp = cfg("single.yaml", 2), cfg("fsdp.yaml", 1, parallel="fsdp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run(
-        [sys.executable, "-m", "openbagel.cli", "train", str(single), "-o", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    _train_in_subprocess(single, tmp_path / "one", env)
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import sys\nfrom openbagel.train.run import train\n"

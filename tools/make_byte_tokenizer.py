@@ -13,20 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-QWEN2_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-]
-
 
 def byte_symbols() -> list[str]:
     """The printable stand-in character of each byte, as byte-level BPE uses them:
@@ -44,18 +30,15 @@ def byte_symbols() -> list[str]:
 
 def build(out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+
+    from openbagel.tokenizer import QWEN2_SPECIAL_TOKENS, write_tokenizer_files
 
     vocab = {sym: i for i, sym in enumerate(byte_symbols())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(QWEN2_SPECIALS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
-    for name in ("special_tokens_map.json",):
-        (out_dir / name).unlink(missing_ok=True)
+    tok.add_special_tokens(QWEN2_SPECIAL_TOKENS)
+    write_tokenizer_files(tok, out_dir)
 
 
 if __name__ == "__main__":
