@@ -263,12 +263,12 @@ def save_checkpoint(
             the gathered full state dict of a sharded model).
     """
     import json
-    import os
     import shutil
 
     from safetensors.torch import save_file
 
     from openbagel.config import OPENBAGEL_EXTRA, openbagel_extra
+    from openbagel.fileio import write_atomically
     from openbagel.model.vae import to_flux_state_dict
 
     folder = Path(folder)
@@ -278,9 +278,7 @@ def save_checkpoint(
         return {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in sd.items()}
 
     def write(name: str, writer) -> None:
-        tmp = folder / f".{name}.tmp"
-        writer(tmp)
-        os.replace(tmp, folder / name)
+        write_atomically(folder / name, lambda tmp: writer(Path(tmp)))
 
     config = model.config
     write(MODEL_FILE, lambda p: save_file(tensors(model.state_dict() if state_dict is None else state_dict), str(p)))

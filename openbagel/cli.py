@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +23,13 @@ app = typer.Typer(
 # --- shared options ----------------------------------------------------------------
 
 ModelOpt = typer.Option(
-    ...,
+    None,
     "--model",
     "-m",
-    help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files).",
+    help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files); "
+    "default: the embedded shapes-world model.",
     envvar="OPENBAGEL_MODEL",
+    show_default=False,
 )
 AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.")
 DeviceOpt = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
@@ -141,30 +142,15 @@ def check_output(path: Path) -> None:
 
 
 def save_image(image: Image.Image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename,
-    so a failed write leaves no half-written file.
+    """Write atomically (see :func:`openbagel.images.write_atomically`).
 
     Raises:
         InvalidInputError: the file cannot be written.
     """
+    from openbagel.fileio import write_atomically
+
     fmt = Image.registered_extensions()[path.suffix.lower()]
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise InvalidInputError(f"cannot write {str(path)!r}: {e.strerror}") from None
-    os.close(fd)
-    try:
-        image.save(tmp, format=fmt)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise InvalidInputError(f"cannot write {str(path)!r}: {e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: image.save(tmp, format=fmt))
 
 
 def _write_result(result, output: Path) -> None:
@@ -174,22 +160,22 @@ def _write_result(result, output: Path) -> None:
     typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
 
 
-def _load(model: str, device: str, dtype: str, adapter: Path | None = None):
+def _load(model: str | None, device: str, dtype: str, adapter: Path | None = None):
     from openbagel.pipeline import BagelPipeline
 
     return BagelPipeline.from_pretrained(model, dtype=dtype, device=device, adapter=adapter)
 
 
-def _config(model: str, device: str, dtype: str):
+def _config(model: str | None, device: str, dtype: str):
     """The checkpoint's config, with device and dtype checked: everything a
     request can be validated against before the weights load."""
     from openbagel.checkpoint import resolve_checkpoint_dir
     from openbagel.config import config_from_checkpoint
-    from openbagel.pipeline import parse_device, parse_dtype
+    from openbagel.pipeline import DEFAULT_MODEL, parse_device, parse_dtype
 
     parse_dtype(dtype)
     parse_device(device)
-    return config_from_checkpoint(resolve_checkpoint_dir(model))
+    return config_from_checkpoint(resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model))
 
 
 def _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min) -> dict:
@@ -231,7 +217,7 @@ def _run(fn):
 def generate(
     prompt: str = typer.Argument(..., help="What to draw. An empty string gives unconditional generation."),
     output: Path = OutOpt,
-    model: str = ModelOpt,
+    model: Optional[str] = ModelOpt,
     seed: Optional[int] = SeedOpt,
     steps: Optional[int] = StepsOpt,
     guidance_scale: Optional[float] = CfgTextOpt,
@@ -265,11 +251,14 @@ def generate(
 @app.command()
 def edit(
     image: Path = typer.Argument(..., help="Input image file."),
-    instruction: str = typer.Argument(
-        ..., help="What to change, e.g. 'make the sky purple' or 'in the style of a watercolour'."
+    instruction: Optional[str] = typer.Argument(
+        None, help="What to change, e.g. 'make the sky purple' or 'in the style of a watercolour' (or use --style)."
     ),
     output: Path = OutOpt,
-    model: str = ModelOpt,
+    style: Optional[str] = typer.Option(
+        None, "--style", help="A style preset instead of an instruction: outline, pixel or invert."
+    ),
+    model: Optional[str] = ModelOpt,
     seed: Optional[int] = SeedOpt,
     steps: Optional[int] = StepsOpt,
     guidance_scale: Optional[float] = CfgTextOpt,
@@ -290,15 +279,80 @@ def edit(
 
     def body():
         from openbagel.images import load_image
+        from openbagel.pipeline import style_instruction
 
         check_output(output)
+        prompt = style_instruction(instruction, style)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
         pipe = _load(model, device, dtype, adapter)
         result = pipe.edit(
-            source, instruction, height=height, width=width, seed=seed, think=think, progress=True, **sampling
+            source, prompt, height=height, width=width, seed=seed, think=think, progress=True, **sampling
         )
         _write_result(result, output)
+
+    _run(body)
+
+
+@app.command()
+def frames(
+    clip: list[Path] = typer.Argument(
+        ..., help="The clip: a GIF, MP4 or WebM file, or image files in order (one frame each)."
+    ),
+    num_frames: int = typer.Option(1, "--num-frames", "-n", help="Frames to predict after the clip."),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Where the predicted frames go: a .gif, .mp4 or .webm file, or an existing folder (frame-001.png, ...).",
+    ),
+    include_input: bool = typer.Option(
+        False, "--include-input", help="Write the input frames before the predicted ones."
+    ),
+    context_frames: Optional[int] = typer.Option(
+        None, "--context-frames", help="Keep only the last K frames in the model's context (default: all)."
+    ),
+    fps: Optional[float] = typer.Option(
+        None, "--fps", help="Frame rate of the output (default: the input's; 4 for image files)."
+    ),
+    model: Optional[str] = ModelOpt,
+    seed: Optional[int] = SeedOpt,
+    steps: Optional[int] = StepsOpt,
+    guidance_scale: Optional[float] = CfgTextOpt,
+    image_guidance_scale: Optional[float] = CfgImgOpt,
+    shift: Optional[float] = ShiftOpt,
+    cfg_interval: Optional[str] = IntervalOpt,
+    renorm: Optional[str] = RenormOpt,
+    renorm_min: Optional[float] = RenormMinOpt,
+    adapter: Optional[Path] = AdapterOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Predict the next frames of a clip, one at a time (each predicted frame joins the context)."""
+    sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
+
+    def body():
+        from openbagel.video import Clip, check_clip_output, read_clip, write_clip
+
+        if num_frames < 1:
+            raise InvalidInputError(f"--num-frames must be at least 1, got {num_frames}")
+        if context_frames is not None and context_frames < 1:
+            raise InvalidInputError(f"--context-frames must be at least 1, got {context_frames}")
+        if fps is not None and not 0 < fps <= 240:
+            raise InvalidInputError(f"--fps must be in (0, 240], got {fps}")
+        check_clip_output(output)
+        source = read_clip(clip)
+        _check_image_settings(model, device, dtype, "edit", None, None, seed, sampling)
+        pipe = _load(model, device, dtype, adapter)
+        result = pipe.predict_frames(
+            source.frames, num_frames, context_frames=context_frames, seed=seed, progress=True, **sampling
+        )
+        frames_out = result.images
+        if include_input:  # at the predicted frames' size
+            frames_out = [f.resize(frames_out[0].size) for f in source.frames] + frames_out
+        written = write_clip(Clip(frames_out, fps or source.fps), output)
+        where = output if len(written) == 1 else f"{output}/ ({len(written)} files)"
+        typer.echo(f"wrote {len(frames_out)} frame(s) to {where} ({frames_out[0].width}x{frames_out[0].height})")
 
     _run(body)
 
@@ -307,7 +361,7 @@ def edit(
 def understand(
     image: Path = typer.Argument(..., help="Input image file."),
     question: str = typer.Argument(..., help="The question about the image."),
-    model: str = ModelOpt,
+    model: Optional[str] = ModelOpt,
     think: bool = ThinkOpt,
     max_new_tokens: Optional[int] = MaxTokOpt,
     do_sample: bool = SampleOpt,
@@ -369,7 +423,7 @@ def _generate_target(line: str, count: int) -> Path:
 
 @app.command()
 def chat(
-    model: str = ModelOpt,
+    model: Optional[str] = ModelOpt,
     think: bool = ThinkOpt,
     max_new_tokens: Optional[int] = MaxTokOpt,
     do_sample: bool = SampleOpt,
@@ -487,7 +541,12 @@ app.add_typer(data_app, name="data")
 @eval_app.command("shapes")
 def eval_shapes(
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Checkpoint folder to score.", envvar="OPENBAGEL_MODEL", show_envvar=False
+        None,
+        "--model",
+        "-m",
+        help="Checkpoint folder to score (default: the embedded shapes-world model).",
+        envvar="OPENBAGEL_MODEL",
+        show_envvar=False,
     ),
     ground_truth: bool = typer.Option(
         False,
@@ -516,8 +575,6 @@ def eval_shapes(
             parent = json_path.parent
             if json_path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
                 raise InvalidInputError(f"cannot write --json {str(json_path)!r}: give a file in a writable folder")
-        if not ground_truth and model is None:
-            raise InvalidInputError("give --model DIR (score a model) or --ground-truth (check the checker)")
         predictor = GroundTruth() if ground_truth else ModelPredictor(_load(model, device, dtype))
         item_list = make_items(items, seed)
         with tqdm(total=len(item_list), desc="shapes eval", unit="item", disable=ground_truth) as bar:
@@ -527,7 +584,11 @@ def eval_shapes(
         for task, score in scores.items():
             typer.echo(f"{task:<{width}}  {score:.3f}")
         if json_path is not None:
-            record = {"model": "ground-truth" if ground_truth else str(model), "items_per_task": items, "seed": seed}
+            record = {
+                "model": "ground-truth" if ground_truth else str(model or "embedded"),
+                "items_per_task": items,
+                "seed": seed,
+            }
             tmp = json_path.with_name(f".{json_path.name}.tmp")
             try:
                 tmp.write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")

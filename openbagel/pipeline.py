@@ -43,6 +43,21 @@ THINK_GENERATE_PROMPT = (
 
 ImageInput = str | Path | Image.Image
 
+#: The embedded model (the shapes world, ``openbagel/assets/shapes``): loaded
+#: when no model is given to :meth:`BagelPipeline.from_pretrained` or the CLI.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
+
+#: Named style edits (``edit(..., style=NAME)``, ``openbagel edit --style NAME``):
+#: the instruction each sends. The embedded model knows these three.
+STYLE_PRESETS = {
+    "outline": "draw only the outlines",
+    "pixel": "make it pixel art",
+    "invert": "invert the colours",
+}
+
+#: The instruction between frames in next-frame prediction (the embedded model's training text).
+NEXT_FRAME_INSTRUCTION = "next frame"
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -113,6 +128,23 @@ def _check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise InvalidInputError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def style_instruction(prompt: str | None, style: str | None) -> str:
+    """The edit instruction: ``prompt``, or the text of the named style preset.
+
+    Raises:
+        InvalidInputError: neither or both given, or an unknown style name.
+    """
+    if style is None:
+        if prompt is None:
+            raise InvalidInputError("edit needs an instruction (prompt) or a style preset (style=NAME)")
+        return _check_text("prompt", prompt)
+    if prompt is not None:
+        raise InvalidInputError("give an instruction or a style preset, not both")
+    if style not in STYLE_PRESETS:
+        raise InvalidInputError(f"unknown style {style!r}; choose from {', '.join(STYLE_PRESETS)}")
+    return STYLE_PRESETS[style]
 
 
 def _check_text(name: str, value) -> str:
@@ -254,7 +286,7 @@ class BagelPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         adapter: str | Path | None = None,
@@ -263,7 +295,8 @@ class BagelPipeline:
 
         Args:
             path: folder with ``llm_config.json``, ``vit_config.json``,
-                ``ema.safetensors``, ``ae.safetensors`` and the tokenizer files.
+                ``ema.safetensors``, ``ae.safetensors`` and the tokenizer files;
+                ``None`` loads the embedded shapes-world model (:data:`DEFAULT_MODEL`).
             dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
             adapter: a LoRA adapter folder (from ``openbagel train``), merged into the weights.
@@ -272,6 +305,8 @@ class BagelPipeline:
             InvalidInputError: bad dtype or unavailable device.
         """
         dt, dev = parse_dtype(dtype), parse_device(device)
+        if path is None:
+            path = DEFAULT_MODEL
         if not isinstance(path, (str, Path)):
             raise InvalidInputError(f"path must be a checkpoint folder, got {type(path).__name__}")
         folder = resolve_checkpoint_dir(path)
@@ -361,8 +396,9 @@ class BagelPipeline:
     def edit(
         self,
         image: ImageInput | None,
-        prompt: str,
+        prompt: str | None = None,
         *,
+        style: str | None = None,
         images: Sequence[ImageInput] = (),
         num_timesteps: int | None = None,
         guidance_scale: float | None = None,
@@ -384,11 +420,13 @@ class BagelPipeline:
         The output has the input's size after the VAE-path resize, unless
         ``height``/``width`` are given. ``images`` adds more input images after
         the first. Defaults come from the config's ``edit`` settings.
+        ``style`` names a preset of :data:`STYLE_PRESETS` instead of a ``prompt``.
 
         Raises:
-            InvalidInputError: no image given, unreadable image, bad settings.
+            InvalidInputError: no image given, unreadable image, bad settings,
+                neither or both of ``prompt`` and ``style``, an unknown style.
         """
-        _check_text("prompt", prompt)
+        prompt = style_instruction(prompt, style)
         _check_flag("think", think)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
@@ -407,6 +445,70 @@ class BagelPipeline:
             s.width, s.height = sizes[0]
         chat.add_text(prompt)
         return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
+
+    @torch.inference_mode()
+    def predict_frames(
+        self,
+        frames: Sequence[ImageInput],
+        num_frames: int = 1,
+        *,
+        context_frames: int | None = None,
+        instruction: str = NEXT_FRAME_INSTRUCTION,
+        num_timesteps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        timestep_shift: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> ImageResult:
+        """Predict the ``num_frames`` frames that follow a clip, one at a time:
+        the context is the frames so far, each followed by ``instruction``
+        (``[frame 1, "next frame", frame 2, "next frame", ...]``, as the
+        embedded model was trained), and each predicted frame joins the context
+        of the next. ``context_frames`` keeps only the last K frames in the
+        context (default: all). Frames come out at the first frame's size after
+        the VAE-path resize. Sampling defaults come from the config's ``edit`` settings.
+
+        Returns:
+            :class:`ImageResult` with the ``num_frames`` predicted frames in ``images``.
+        Raises:
+            InvalidInputError: no frames, an unreadable frame, ``num_frames`` or
+                ``context_frames`` below 1, bad settings.
+        """
+        if isinstance(frames, (str, Path, Image.Image)):
+            frames = [frames]
+        if not frames:
+            raise InvalidInputError("predict_frames needs at least one frame")
+        for name, v in (("num_frames", num_frames), ("context_frames", context_frames)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
+        _check_text("instruction", instruction)
+        history = [load_image(f) for f in frames]
+        s = self.image_settings(
+            self.config.edit, None, None, seed, generator,
+            num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+            timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
+        )  # fmt: skip
+        steps = range(num_frames)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="frames", unit="frame")
+        predicted: list[Image.Image] = []
+        for _ in steps:
+            chat = self.chat()  # rebuilt per frame: the context window may slide
+            for frame in history[-context_frames:] if context_frames else history:
+                size = chat.add_image(frame)
+                chat.add_text(instruction)
+            if not s.height:
+                s.width, s.height = size
+            predicted.append(chat.generate_image(s).image)
+            history.append(predicted[-1])
+        return ImageResult(predicted)
 
     @torch.inference_mode()
     def understand(

@@ -380,3 +380,42 @@ def test_bf16_mixed_precision_run(tmp_path, tiny_dir):
         assert a["loss"] != b["loss"]
     weights = load_file(tmp_path / "bf16" / "checkpoint" / "ema.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_periodic_exports_hold_the_ema_weights(tmp_path, tiny_dir):
+    """export_every writes exports/step-N in the official layout; with an EMA the
+    exports hold the EMA weights: ema_N = d * ema_(N-1) + (1 - d) * w_N, from the
+    initial weights (checked against the raw weights of two stopped runs)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from openbagel.train.run import train
+
+    quiet = dict(progress=False, echo=lambda s: None)
+    optim = {"max_steps": 4, "lr": 1e-3, "ema_decay": 0.5}
+    cfg = _config(tmp_path, tiny_dir, optim=optim, export_every=2)
+    train(cfg, tmp_path / "ema", **quiet)
+    exports = sorted(p.name for p in (tmp_path / "ema" / "exports").iterdir())
+    assert exports == ["step-000002", "step-000004"]
+    final = load_file(tmp_path / "ema" / "checkpoint" / "ema.safetensors")
+    last = load_file(tmp_path / "ema" / "exports" / "step-000004" / "ema.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    BagelPipeline.from_pretrained(tmp_path / "ema" / "exports" / "step-000002")  # loads strictly
+
+    # the raw weights after steps 0..4 (same run without EMA, stopped at each step)
+    raw = []
+    plain = _config(tmp_path, tiny_dir, optim={"max_steps": 4, "lr": 1e-3})
+    for n in range(0, 5):
+        out = tmp_path / f"raw{n}"
+        if n == 0:
+            train(plain, out, max_steps=1, stop_at=0, **quiet)
+        else:
+            train(plain, out, stop_at=n, **quiet)
+        raw.append(load_file(out / "checkpoint" / "ema.safetensors"))
+    ema = dict(raw[0])
+    for w in raw[1:]:
+        ema = {k: 0.5 * ema[k] + 0.5 * w[k] for k in ema}
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(final[key], raw[4][key])  # not the raw weights
+    for k in final:
+        torch.testing.assert_close(final[k], ema[k], rtol=1e-5, atol=1e-6)

@@ -19,6 +19,8 @@ Config (paths relative to the config file)::
     optim: {lr: 1e-4, warmup_steps: 10, max_steps: 100, schedule: cosine}
     lora: {r: 16, alpha: 32, merge: true}   # optional: train adapters only
     log_every: 10
+    save_every: 500     # resumable state (state/) every N steps and at the end
+    export_every: 0     # N > 0: also export the (EMA) weights to exports/step-N/ every N steps
     seed: 0
     device: auto        # auto (cuda when there is one, else cpu), cpu, cuda
     precision: fp32     # or bf16: bfloat16 compute, float32 weights and optimiser state
@@ -77,6 +79,7 @@ SECTIONS = (
     "lora",
     "log_every",
     "save_every",
+    "export_every",
     "seed",
     "device",
     "precision",
@@ -485,6 +488,13 @@ def train(
         raise ConfigError(f"{output} already holds a run; continue it with --resume, or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     save_every = _int(cfg, "save_every", 0, "config", minimum=0)
+    export_every = _int(cfg, "export_every", 0, "config", minimum=0)
+
+    def export(folder: Path) -> None:
+        weights = _export_weights(model, trainer, compute.parallel == "fsdp")  # every rank takes part
+        if rank == 0:
+            save_checkpoint(folder, model, vae, tokenizer_dir=assets, state_dict=weights)
+
     end = min(optim.max_steps, stop_at) if stop_at is not None else optim.max_steps
     log_file = (output / "log.jsonl").open("a") if rank == 0 else None
     steps = range(trainer.step_count, end)
@@ -509,6 +519,8 @@ def train(
             interval.add(stats)
             if save_every and stats.step % save_every == 0:
                 save_state(trainer, output / "state", {"packs": consumed})
+            if export_every and stats.step % export_every == 0 and lora_cfg is None:
+                export(output / "exports" / f"step-{stats.step:06d}")
             if stats.step % log_every == 0 or stats.step == optim.max_steps:
                 elapsed = time.perf_counter() - t0
                 last = {
@@ -534,16 +546,15 @@ def train(
     if skipped:
         echo(f"skipped {len(skipped)} bad row(s); first: {next(iter(skipped.values()))}")
     save_state(trainer, output / "state", {"packs": consumed})
-    if trainer.ema is not None:
-        trainer.ema.copy_to(model)
     if lora_cfg is not None:
+        if trainer.ema is not None:
+            trainer.ema.copy_to(model)
         save_adapter(model, output / "adapter")
         echo(f"LoRA adapter written to {output / 'adapter'}")
         model = model.merge_and_unload() if lora_cfg["merge"] else model.unload()
+        trainer.ema = None  # merged or unloaded: the adapters' EMA no longer applies
     checkpoint = output / "checkpoint"
-    weights = _full_state_dict(model) if compute.parallel == "fsdp" else None  # every rank takes part
-    if rank == 0:
-        save_checkpoint(checkpoint, model, vae, tokenizer_dir=assets, state_dict=weights)
+    export(checkpoint)
     if own_group:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -685,6 +696,21 @@ def _parallelize(model: nn.Module, compute: Compute, world: int) -> nn.Module | 
         )
     forward.set_reduce_scatter_unused_params(True)
     return forward
+
+
+def _export_weights(model: nn.Module, trainer: Trainer, sharded: bool) -> dict[str, Tensor] | None:
+    """The weights to export: the EMA copy where the run keeps one, else the
+    trained weights (``None``: ``model.state_dict()`` as it is). With FSDP a
+    collective (the full state dict is gathered)."""
+    weights = _full_state_dict(model) if sharded else None
+    if trainer.ema is None:
+        return weights
+    weights = dict(weights if weights is not None else model.state_dict())
+    for name, value in trainer.ema.shadow.items():
+        if hasattr(value, "full_tensor"):  # a DTensor shard under FSDP
+            value = value.full_tensor()
+        weights[name] = value.to(weights[name].dtype).cpu()
+    return weights
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -1,0 +1,52 @@
+"""ShapesEval over a run's exported checkpoints (``RUN/exports/step-N``, written
+with ``export_every``): the score-versus-steps curve of the model card.
+
+    python tools/shapes_eval_curve.py runs/shapes --items 30
+
+Writes ``RUN/eval_curve.json`` (one record per export: step, scores) and prints
+a Markdown table. Exports already in the JSON file are not evaluated again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = ("t2i.one", "t2i.relation", "t2i", "t2i_heldout", "qa", "edit", "style", "next_frame", "think", "overall")
+
+
+def curve(run: Path, items: int, seed: int) -> list[dict]:
+    from openbagel.pipeline import BagelPipeline
+    from openbagel.shapes.eval import ModelPredictor, evaluate, make_items
+
+    out = run / "eval_curve.json"
+    records = json.loads(out.read_text()) if out.exists() else []
+    done = {(r["step"], r["items_per_task"], r["seed"]) for r in records}
+    item_list = make_items(items, seed)
+    for folder in sorted((run / "exports").glob("step-*")):
+        step = int(folder.name.split("-")[1])
+        if (step, items, seed) in done:
+            continue
+        scores = evaluate(ModelPredictor(BagelPipeline.from_pretrained(folder)), item_list)
+        records.append({"step": step, "items_per_task": items, "seed": seed, "scores": scores})
+        records.sort(key=lambda r: r["step"])
+        out.write_text(json.dumps(records, indent=1) + "\n")
+        print(f"step {step}: overall {scores['overall']:.3f}", flush=True)
+    return [r for r in records if r["items_per_task"] == items and r["seed"] == seed]
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| step | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in records:
+        lines.append(f"| {r['step']} | " + " | ".join(f"{r['scores'][c]:.2f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="run folder (with exports/)")
+    parser.add_argument("--items", type=int, default=30, help="items per task")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the item set")
+    args = parser.parse_args()
+    print(table(curve(args.run, args.items, args.seed)))
