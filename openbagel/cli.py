@@ -297,7 +297,7 @@ def edit(
 @app.command()
 def frames(
     clip: list[Path] = typer.Argument(
-        ..., help="The clip: a GIF, MP4 or WebM file, or image files in order (one frame each)."
+        ..., help="The clip: a GIF, MP4, WebM, MKV or MOV file, or image files in order (one frame each)."
     ),
     num_frames: int = typer.Option(1, "--num-frames", "-n", help="Frames to predict after the clip."),
     output: Path = typer.Option(

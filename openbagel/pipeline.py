@@ -22,7 +22,7 @@ from PIL import Image
 from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir
 from openbagel.config import BagelConfig, ImageTaskDefaults, config_from_checkpoint
 from openbagel.errors import InvalidInputError
-from openbagel.images import load_image, resize, to_pil, to_tensor
+from openbagel.images import load_image, resize, resize_size, to_pil, to_tensor
 from openbagel.inference.generate import decode_tokens, generate_latents
 from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.inference.session import Session
@@ -130,6 +130,21 @@ def _check_flag(name: str, value) -> bool:
     return value
 
 
+def _check_frame_sizes(frames: list[Image.Image], config: BagelConfig) -> None:
+    """Frames must come to one size after the VAE-path resize.
+
+    Raises:
+        InvalidInputError: naming the first frame that does not.
+    """
+    first = resize_size(*frames[0].size, config.vae_transform)
+    for i, f in enumerate(frames[1:], 2):
+        if resize_size(*f.size, config.vae_transform) != first:
+            raise InvalidInputError(
+                f"frame {i} is {f.width}x{f.height} but frame 1 is {frames[0].width}x{frames[0].height}; "
+                "all frames need one size"
+            )
+
+
 def style_instruction(prompt: str | None, style: str | None) -> str:
     """The edit instruction: ``prompt``, or the text of the named style preset.
 
@@ -138,7 +153,7 @@ def style_instruction(prompt: str | None, style: str | None) -> str:
     """
     if style is None:
         if prompt is None:
-            raise InvalidInputError("edit needs an instruction (prompt) or a style preset (style=NAME)")
+            raise InvalidInputError(f"edit needs an instruction or a style preset ({', '.join(STYLE_PRESETS)})")
         return _check_text("prompt", prompt)
     if prompt is not None:
         raise InvalidInputError("give an instruction or a style preset, not both")
@@ -476,8 +491,10 @@ class BagelPipeline:
         Returns:
             :class:`ImageResult` with the ``num_frames`` predicted frames in ``images``.
         Raises:
-            InvalidInputError: no frames, an unreadable frame, ``num_frames`` or
-                ``context_frames`` below 1, bad settings.
+            InvalidInputError: no frames, an unreadable frame, frames that do not
+                come to one size at the model's resolution (predicted frames,
+                already at it, may follow the frames they came from),
+                ``num_frames`` or ``context_frames`` below 1, bad settings.
         """
         if isinstance(frames, (str, Path, Image.Image)):
             frames = [frames]
@@ -488,6 +505,7 @@ class BagelPipeline:
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
         _check_text("instruction", instruction)
         history = [load_image(f) for f in frames]
+        _check_frame_sizes(history, self.config)
         s = self.image_settings(
             self.config.edit, None, None, seed, generator,
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,

@@ -62,17 +62,28 @@ def read_clip(sources: str | Path | Sequence[str | Path]) -> Clip:
             raise InvalidInputError(f"{len(paths)} frames given; at most {MAX_FRAMES}")
         for p in paths:
             if is_clip_file(p):
-                raise InvalidInputError(f"{p}: give one clip file, or a list of image files (not both)")
+                raise InvalidInputError(
+                    f"{p}: a clip file must come alone; give one GIF/MP4/WebM file, or image files only"
+                )
         clip = Clip([load_image(p) for p in paths])
     if not clip.frames:
         raise InvalidInputError(f"{paths[0]}: the clip has no frames")
-    size = clip.frames[0].size
-    for i, f in enumerate(clip.frames):
+    check_frame_sizes(clip.frames)
+    return clip
+
+
+def check_frame_sizes(frames: Sequence[Image.Image]) -> None:
+    """Refuse frames of different sizes.
+
+    Raises:
+        InvalidInputError: naming the first frame whose size differs from frame 1's.
+    """
+    size = frames[0].size
+    for i, f in enumerate(frames):
         if f.size != size:
             raise InvalidInputError(
                 f"frame {i + 1} is {f.width}x{f.height} but frame 1 is {size[0]}x{size[1]}; all frames need one size"
             )
-    return clip
 
 
 def _read_gif(path: Path) -> Clip:

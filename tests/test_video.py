@@ -75,6 +75,9 @@ def test_bad_clips(tmp_path):
         read_clip([a, b])
     with pytest.raises(InvalidInputError, match="no clip given"):
         read_clip([])
+    write_clip(Clip(_frames(2)), tmp_path / "c.gif")
+    with pytest.raises(InvalidInputError, match="a clip file must come alone"):
+        read_clip([tmp_path / "c.gif", tmp_path / "c.gif"])
     with pytest.raises(InvalidInputError, match=r"use a \.gif, \.mp4 or \.webm"):
         write_clip(Clip(_frames(1)), tmp_path / "out.txt")
     with pytest.raises(InvalidInputError, match="does not exist"):
@@ -107,10 +110,16 @@ def test_predict_frames_bad_counts(pipe, kwargs):
         pipe.predict_frames(_frames(1), **kwargs)
 
 
+def test_predict_frames_refuses_mixed_sizes(pipe):
+    """As the CLI does (found by a helper: the API used to return a frame at the last size)."""
+    with pytest.raises(InvalidInputError, match="frame 2 is 32x32 but frame 1 is 64x48"):
+        pipe.predict_frames([_frames(1)[0], _frames(1, size=(32, 32))[0]])
+
+
 def test_style_presets(pipe):
     assert style_instruction(None, "pixel") == STYLE_PRESETS["pixel"] == "make it pixel art"
     for prompt, style, message in [
-        (None, None, "needs an instruction"),
+        (None, None, r"needs an instruction or a style preset \(outline, pixel, invert\)"),
         ("x", "pixel", "not both"),
         (None, "oil", "unknown style 'oil'"),
     ]:
