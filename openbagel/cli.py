@@ -142,7 +142,7 @@ def check_output(path: Path) -> None:
 
 
 def save_image(image: Image.Image, path: Path) -> None:
-    """Write atomically (see :func:`openbagel.images.write_atomically`).
+    """Write atomically (see :func:`openbagel.fileio.write_atomically`).
 
     Raises:
         InvalidInputError: the file cannot be written.

@@ -157,7 +157,7 @@ def style_instruction(prompt: str | None, style: str | None) -> str:
         return _check_text("prompt", prompt)
     if prompt is not None:
         raise InvalidInputError("give an instruction or a style preset, not both")
-    if style not in STYLE_PRESETS:
+    if not isinstance(style, str) or style not in STYLE_PRESETS:
         raise InvalidInputError(f"unknown style {style!r}; choose from {', '.join(STYLE_PRESETS)}")
     return STYLE_PRESETS[style]
 

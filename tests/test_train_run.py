@@ -111,6 +111,7 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"device": "tpu"}, "'device' must be auto, cpu or cuda"),
         ({"precision": "fp16"}, "'precision' must be fp32 or bf16"),
         ({"parallel": "zero3"}, "'parallel' must be auto, ddp or fsdp"),
+        ({"lora": {"r": 4}, "export_every": 1}, "export_every does not apply to LoRA runs"),
     ],
 )
 def test_bad_configs(tmp_path, tiny_dir, overrides, message):

@@ -430,6 +430,10 @@ def train(
     compute = compute_settings(cfg, "lora" in cfg)
     lora_cfg = _lora_settings(cfg)
     data_sources = _data_sources(cfg, base)  # checked before the weights load
+    save_every = _int(cfg, "save_every", 0, "config", minimum=0)
+    export_every = _int(cfg, "export_every", 0, "config", minimum=0)
+    if export_every and lora_cfg is not None:
+        raise ConfigError("export_every does not apply to LoRA runs (the adapter is saved at the end); remove it")
     world, rank, own_group = _init_distributed(compute.device)
     model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
     config = model.config  # before any LoRA wrapper
@@ -487,8 +491,6 @@ def train(
     elif rank == 0 and ((output / "log.jsonl").exists() or (output / "state").exists()):
         raise ConfigError(f"{output} already holds a run; continue it with --resume, or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
-    save_every = _int(cfg, "save_every", 0, "config", minimum=0)
-    export_every = _int(cfg, "export_every", 0, "config", minimum=0)
 
     def export(folder: Path) -> None:
         weights = _export_weights(model, trainer, compute.parallel == "fsdp")  # every rank takes part
@@ -519,7 +521,7 @@ def train(
             interval.add(stats)
             if save_every and stats.step % save_every == 0:
                 save_state(trainer, output / "state", {"packs": consumed})
-            if export_every and stats.step % export_every == 0 and lora_cfg is None:
+            if export_every and stats.step % export_every == 0:
                 export(output / "exports" / f"step-{stats.step:06d}")
             if stats.step % log_every == 0 or stats.step == optim.max_steps:
                 elapsed = time.perf_counter() - t0
