@@ -567,6 +567,7 @@ def eval_shapes(
 
         from tqdm.auto import tqdm
 
+        from openbagel.fileio import write_atomically
         from openbagel.shapes.eval import GroundTruth, ModelPredictor, evaluate, make_items
 
         if not 1 <= items <= MAX_EVAL_ITEMS:
@@ -589,13 +590,8 @@ def eval_shapes(
                 "items_per_task": items,
                 "seed": seed,
             }
-            tmp = json_path.with_name(f".{json_path.name}.tmp")
-            try:
-                tmp.write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")
-                tmp.replace(json_path)
-            except OSError as e:
-                tmp.unlink(missing_ok=True)
-                raise InvalidInputError(f"cannot write --json {str(json_path)!r}: {e.strerror or e}") from None
+            text = json.dumps({**record, "scores": scores}, indent=2) + "\n"
+            write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
 
     _run(body)
 

@@ -130,21 +130,6 @@ def _check_flag(name: str, value) -> bool:
     return value
 
 
-def _check_frame_sizes(frames: list[Image.Image], config: BagelConfig) -> None:
-    """Frames must come to one size after the VAE-path resize.
-
-    Raises:
-        InvalidInputError: naming the first frame that does not.
-    """
-    first = resize_size(*frames[0].size, config.vae_transform)
-    for i, f in enumerate(frames[1:], 2):
-        if resize_size(*f.size, config.vae_transform) != first:
-            raise InvalidInputError(
-                f"frame {i} is {f.width}x{f.height} but frame 1 is {frames[0].width}x{frames[0].height}; "
-                "all frames need one size"
-            )
-
-
 def style_instruction(prompt: str | None, style: str | None) -> str:
     """The edit instruction: ``prompt``, or the text of the named style preset.
 
@@ -504,8 +489,11 @@ class BagelPipeline:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
         _check_text("instruction", instruction)
+        from openbagel.video import check_frame_sizes
+
         history = [load_image(f) for f in frames]
-        _check_frame_sizes(history, self.config)
+        # one size at the model's resolution: predicted frames may follow their clip
+        check_frame_sizes(history, lambda f: resize_size(*f.size, self.config.vae_transform))
         s = self.image_settings(
             self.config.edit, None, None, seed, generator,
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,

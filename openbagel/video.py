@@ -8,7 +8,7 @@ A clip is a list of RGB PIL images and a frame rate in frames per second.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -72,17 +72,22 @@ def read_clip(sources: str | Path | Sequence[str | Path]) -> Clip:
     return clip
 
 
-def check_frame_sizes(frames: Sequence[Image.Image]) -> None:
-    """Refuse frames of different sizes.
+def check_frame_sizes(
+    frames: Sequence[Image.Image], size: Callable[[Image.Image], tuple[int, int]] | None = None
+) -> None:
+    """Refuse frames of different sizes; ``size`` maps a frame to the size
+    compared (default: its own, ``(width, height)``).
 
     Raises:
         InvalidInputError: naming the first frame whose size differs from frame 1's.
     """
-    size = frames[0].size
-    for i, f in enumerate(frames):
-        if f.size != size:
+    size = size or (lambda f: f.size)
+    first = size(frames[0])
+    for i, f in enumerate(frames[1:], 2):
+        if size(f) != first:
             raise InvalidInputError(
-                f"frame {i + 1} is {f.width}x{f.height} but frame 1 is {size[0]}x{size[1]}; all frames need one size"
+                f"frame {i} is {f.width}x{f.height} but frame 1 is {frames[0].width}x{frames[0].height}; "
+                "all frames need one size"
             )
 
 
