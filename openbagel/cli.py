@@ -1,4 +1,4 @@
-"""The ``openbagel`` command line: generate, edit, understand, chat."""
+"""The ``openbagel`` command line: generate, edit, understand, chat, serve."""
 
 from __future__ import annotations
 
@@ -526,6 +526,72 @@ def train(
         )
         if os.environ.get("RANK", "0") == "0":
             typer.echo(f"trained {result.steps} steps; checkpoint written to {result.checkpoint}")
+
+    _run(body)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="OPENBAGEL_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every /v1 route (/health, /ready, /metrics stay open).",
+        show_default=False,
+    ),
+    model_name: Optional[str] = typer.Option(
+        None,
+        "--model-name",
+        help="Model id in /v1/models and responses (default: the folder's name).",
+        show_default=False,
+    ),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; one more is answered 429."),
+    max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running in the engine at once."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="Largest request body, in MiB (413 beyond)."),
+    max_image_pixels: int = typer.Option(
+        4096 * 4096, "--max-image-pixels", help="Largest uploaded image (width x height), checked before decoding."
+    ),
+    max_n: int = typer.Option(4, "--max-n", help="Most images per request (n)."),
+    max_steps: int = typer.Option(100, "--max-steps", help="Most num_inference_steps per request."),
+    max_prompt_tokens: int = typer.Option(
+        1024, "--max-prompt-tokens", help="Longest prompt (all message texts), in tokens."
+    ),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens of a chat completion."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Write prompt texts into the request log lines."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (images, edits, chat; /docs lists the routes)."""
+
+    def body():
+        import logging
+
+        import uvicorn
+
+        from openbagel.serve import Limits, ServeSettings, create_app
+
+        _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
+        if not 1 <= port <= 65535:
+            raise InvalidInputError(f"--port must be in 1..65535, got {port}")
+        if not max_body_mb > 0:
+            raise InvalidInputError(f"--max-body-mb must be > 0, got {max_body_mb}")
+        try:
+            limits = Limits(
+                max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_n=max_n,
+                max_steps=max_steps, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+            )  # fmt: skip
+            settings = ServeSettings(
+                model=model, model_name=model_name, dtype=dtype, device=device, api_key=api_key, max_queue=max_queue,
+                max_concurrency=max_concurrency, log_prompts=log_prompts, limits=limits,
+            )  # fmt: skip
+        except ValueError as e:
+            raise InvalidInputError(str(e).replace("_", "-")) from None
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        typer.echo(f"serving {settings.served_name} on http://{host}:{port} (API docs: /docs); loading the model...")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
 
     _run(body)
 

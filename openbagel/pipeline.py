@@ -12,7 +12,7 @@ guidance contexts) and runs the text decoder or the image sampler on it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir
 from openbagel.config import BagelConfig, ImageTaskDefaults, config_from_checkpoint
 from openbagel.errors import InvalidInputError
 from openbagel.images import load_image, resize, resize_size, to_pil, to_tensor
-from openbagel.inference.generate import decode_tokens, generate_latents
+from openbagel.inference.generate import FlowStep, decode_tokens, generate_latents
 from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.inference.session import Session
 from openbagel.model.bagel import Bagel
@@ -370,6 +370,7 @@ class BagelPipeline:
         think: bool = False,
         max_think_tokens: int | None = None,
         progress: bool = False,
+        on_step: Callable[[FlowStep], None] | None = None,
     ) -> ImageResult:
         """Generate an image from text. An empty prompt is unconditional generation.
 
@@ -377,6 +378,9 @@ class BagelPipeline:
         ``num_timesteps`` counts schedule points: the model runs
         ``num_timesteps - 1`` times. Guidance scales <= 1 turn that guidance off.
         With ``think=True`` the model first writes a plan, returned as ``reasoning``.
+        ``on_step`` is called after every denoising step with a
+        :class:`~openbagel.inference.generate.FlowStep` (progress bars; an
+        exception raised there stops the generation and propagates).
 
         Raises:
             InvalidInputError: bad size or settings (before any compute).
@@ -390,7 +394,9 @@ class BagelPipeline:
         _check_flag("think", think)
         chat = self.chat(THINK_GENERATE_PROMPT if think else None)
         chat.add_text(prompt)
-        return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
+        return chat.generate_image(
+            s, think=think, max_think_tokens=max_think_tokens, progress=progress, on_step=on_step
+        )
 
     @torch.inference_mode()
     def edit(
@@ -414,6 +420,7 @@ class BagelPipeline:
         think: bool = False,
         max_think_tokens: int | None = None,
         progress: bool = False,
+        on_step: Callable[[FlowStep], None] | None = None,
     ) -> ImageResult:
         """Edit (or restyle) an image following an instruction.
 
@@ -421,6 +428,7 @@ class BagelPipeline:
         ``height``/``width`` are given. ``images`` adds more input images after
         the first. Defaults come from the config's ``edit`` settings.
         ``style`` names a preset of :data:`STYLE_PRESETS` instead of a ``prompt``.
+        ``on_step``: as in :meth:`text_to_image`.
 
         Raises:
             InvalidInputError: no image given, unreadable image, bad settings,
@@ -444,7 +452,9 @@ class BagelPipeline:
         if not s.height:
             s.width, s.height = sizes[0]
         chat.add_text(prompt)
-        return chat.generate_image(s, think=think, max_think_tokens=max_think_tokens, progress=progress)
+        return chat.generate_image(
+            s, think=think, max_think_tokens=max_think_tokens, progress=progress, on_step=on_step
+        )
 
     @torch.inference_mode()
     def predict_frames(
@@ -634,10 +644,25 @@ class Chat:
             )
             self.session.add_vit_image(patchify(pixels, p).to(model.dtype), pos)
 
+    @torch.inference_mode()
+    def add_answer(self, text: str) -> None:
+        """A previous answer of the model (a conversation history sent back by a client)."""
+        ids = self.pipe.tokenizer.encode(_check_text("text", text))
+        with self.session.transaction():
+            self.session.add_text(ids, user=False)
+
     def reply_stream(
-        self, params: TextSampling | None = None, generator: torch.Generator | None = None, remember: bool = True
+        self,
+        params: TextSampling | None = None,
+        generator: torch.Generator | None = None,
+        remember: bool = True,
+        on_token: Callable[[int], None] | None = None,
     ) -> Iterator[str]:
-        """Decode the model's answer as text pieces; with ``remember`` the answer joins the context."""
+        """Decode the model's answer as text pieces; with ``remember`` the answer joins the context.
+
+        ``on_token`` is called with each decoded token id (end of sequence not
+        included); an exception raised there stops decoding and propagates.
+        """
         params = params or self.pipe.text_sampling()
         if not isinstance(params, TextSampling):
             raise InvalidInputError("params must be a TextSampling (see pipe.text_sampling(...))")
@@ -650,6 +675,8 @@ class Chat:
                     self.pipe.model, self.session.full.fork(), self.session.special, params, generator
                 ):
                     ids.append(token)
+                    if on_token is not None:
+                        on_token(token)
                     yield token
 
         yield from self.pipe.tokenizer.stream(tokens())
@@ -669,17 +696,21 @@ class Chat:
         think: bool = False,
         max_think_tokens: int | None = None,
         progress: bool = False,
+        on_step: Callable[[FlowStep], None] | None = None,
     ) -> ImageResult:
-        """Generate an image from the conversation so far and feed it back into it."""
+        """Generate an image from the conversation so far and feed it back into it.
+
+        ``on_step`` is called after every denoising step (see :meth:`BagelPipeline.text_to_image`).
+        """
         pipe = self.pipe
         s = settings or pipe.image_settings(pipe.config.t2i)
         if not isinstance(s, ImageSettings):
             raise InvalidInputError("settings must come from pipe.image_settings(...)")
         with self.session.transaction():
-            return self._generate_image(s, think, max_think_tokens, progress)
+            return self._generate_image(s, think, max_think_tokens, progress, on_step)
 
     def _generate_image(
-        self, s: ImageSettings, think: bool, max_think_tokens: int | None, progress: bool
+        self, s: ImageSettings, think: bool, max_think_tokens: int | None, progress: bool, on_step
     ) -> ImageResult:
         pipe = self.pipe
         reasoning = None
@@ -690,7 +721,7 @@ class Chat:
             self.session.add_text(ids, user=False, image_free=False)
             reasoning = split_reasoning(text)[0] or text.strip()
         latents = generate_latents(
-            pipe.model, self.session, s.height, s.width, s.sampling, s.generator, progress=progress
+            pipe.model, self.session, s.height, s.width, s.sampling, s.generator, on_step=on_step, progress=progress
         )
         p, down = pipe.config.latent_patch_size, pipe.config.latent_downsample
         latent = unpatchify(latents, s.height // down, s.width // down, p)[None]

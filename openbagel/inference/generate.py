@@ -63,11 +63,13 @@ def decode_tokens(
 class FlowStep:
     """What one denoising step computed (for callbacks and tests).
 
-    ``x`` is the step's input latent ``[n, C]``; ``v`` the guided velocity;
-    ``v_text_free``/``v_image_free`` are ``None`` when that branch was not run.
+    ``index`` counts from 0 to ``num_steps - 1``; ``x`` is the step's input
+    latent ``[n, C]``; ``v`` the guided velocity; ``v_text_free``/``v_image_free``
+    are ``None`` when that branch was not run.
     """
 
     index: int
+    num_steps: int
     t: float
     x: Tensor
     v_cond: Tensor
@@ -146,7 +148,7 @@ def generate_latents(
             params.cfg_renorm_min,
         )
         if on_step is not None:
-            on_step(FlowStep(i, float(t), x, v, v_t, v_i, guided))
+            on_step(FlowStep(i, params.num_timesteps - 1, float(t), x, v, v_t, v_i, guided))
         x = euler_step(x, guided, ts[i], ts[i + 1])
     if not torch.isfinite(x).all():
         raise NumericalError(

@@ -1,0 +1,188 @@
+"""Request inputs the server checks itself: uploaded images (size and format
+from the header, before decoding), data URLs, ``"WxH"`` sizes, and the
+split of a streamed thinking answer into reasoning and content."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+
+from PIL import Image, UnidentifiedImageError
+
+from openbagel.images import load_image
+from openbagel.serve.settings import Limits
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error response.
+
+    Attributes:
+        status: HTTP status (400, 401, 404, 413...).
+        param: the request field at fault, or None.
+        code: a short machine-readable code, or None.
+        type: OpenAI's error ``type`` (``invalid_request_error`` unless said).
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+        type: str = "invalid_request_error",
+    ):  # fmt: skip
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+
+def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
+    """Uploaded image bytes -> an RGB PIL image, refusing oversized or unsupported files before decoding.
+
+    Raises:
+        RequestError: empty data, not an image, a format outside ``limits.image_formats``,
+            or more than ``limits.max_image_pixels`` pixels (read from the header).
+    """
+    if not data:
+        raise RequestError(f"{param} is empty", param=param, code="invalid_image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            fmt, (w, h) = img.format, img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise RequestError(
+            f"{param} is not an image file ({', '.join(limits.image_formats)} accepted)",
+            param=param,
+            code="invalid_image",
+        ) from None
+    except Image.DecompressionBombError:  # Pillow's own guard, from the header too
+        raise RequestError(
+            f"{param}: the image has more than {limits.max_image_pixels} pixels (the server's limit); resize it first",
+            param=param,
+            code="image_too_large",
+        ) from None
+    if fmt not in limits.image_formats:
+        raise RequestError(
+            f"{param}: image format {fmt} is not accepted; send one of {', '.join(limits.image_formats)}",
+            param=param,
+            code="invalid_image_format",
+        )
+    if w * h > limits.max_image_pixels:
+        raise RequestError(
+            f"{param}: {w}x{h} pixels is more than the server's limit of {limits.max_image_pixels} pixels; "
+            "resize the image first",
+            param=param,
+            code="image_too_large",
+        )
+    from openbagel.errors import InvalidInputError
+
+    try:
+        return load_image(data)
+    except InvalidInputError as e:
+        raise RequestError(f"{param}: {e}", param=param, code="invalid_image") from None
+
+
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S
+)
+
+
+def decode_data_url(url: str, limits: Limits, param: str) -> Image.Image:
+    """A ``data:image/...;base64,...`` URL -> an RGB PIL image.
+
+    Raises:
+        RequestError: another URL scheme (the server never fetches from the
+            network), a data URL that is not base64 or not an image, or an image
+            over the limits of :func:`decode_image`.
+    """
+    if not isinstance(url, str) or not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if isinstance(url, str) and ":" in url else "no scheme"
+        raise RequestError(
+            f"{param}: only data: URLs with base64 images are accepted (got {scheme[:20]}); "
+            "the server does not fetch URLs: send the image as data:image/png;base64,...",
+            param=param,
+            code="invalid_image_url",
+        )
+    m = _DATA_URL.match(url)
+    if m is None or not m.group("b64"):
+        raise RequestError(
+            f"{param}: a data URL must be base64 encoded (data:image/png;base64,...)",
+            param=param,
+            code="invalid_image_url",
+        )
+    try:
+        data = base64.b64decode(m.group("data"), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(
+            f"{param}: the data URL's base64 payload is malformed", param=param, code="invalid_image_url"
+        ) from None
+    return decode_image(data, limits, param)
+
+
+def parse_size(size: str, param: str = "size") -> tuple[int, int]:
+    """``"WxH"`` -> ``(width, height)``; the model's own checks (multiples of 16, maximum) come later.
+
+    Raises:
+        RequestError: not of the form ``WxH`` with whole numbers.
+    """
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
+    if m is None:
+        raise RequestError(f"size must look like 512x512 (width x height in pixels), got {size[:40]!r}", param=param)
+    return int(m.group(1)), int(m.group(2))
+
+
+class ReasoningSplitter:
+    """Splits a streamed thinking answer, ``<think> reasoning </think> answer``,
+    into ``("reasoning", text)`` and ``("content", text)`` pieces as they
+    arrive, holding back only text that could be the start of a tag. Everything
+    before ``</think>`` is reasoning (a leading ``<think>`` is dropped), so a
+    model that never closes its reasoning gives no content."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.state = "start"  # start -> reasoning -> content
+        self.buffer = ""
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        self.buffer += piece
+        out: list[tuple[str, str]] = []
+        if self.state == "start":
+            stripped = self.buffer.lstrip()
+            if self.OPEN.startswith(stripped):  # may still become "<think>"
+                return out
+            if stripped.startswith(self.OPEN):
+                stripped = stripped[len(self.OPEN) :]
+            self.buffer, self.state = stripped, "reasoning"
+        if self.state == "reasoning":
+            head, sep, tail = self.buffer.partition(self.CLOSE)
+            if sep:
+                out.append(("reasoning", head))
+                self.state, self.buffer = "content", tail
+            else:
+                keep = _partial_suffix(self.buffer, self.CLOSE)
+                out.append(("reasoning", self.buffer[: len(self.buffer) - keep]))
+                self.buffer = self.buffer[len(self.buffer) - keep :]
+        if self.state == "content":
+            out.append(("content", self.buffer))
+            self.buffer = ""
+        return [(k, t) for k, t in out if t]
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is held back at the end (reasoning, as no ``</think>`` came)."""
+        text, self.buffer = self.buffer, ""
+        return [("content" if self.state == "content" else "reasoning", text)] if text else []
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """A whole thinking answer -> ``(reasoning, content)``, stripped, exactly as
+    :class:`ReasoningSplitter` splits it piece by piece."""
+    parts = {"reasoning": "", "content": ""}
+    splitter = ReasoningSplitter()
+    for kind, piece in splitter.feed(text) + splitter.flush():
+        parts[kind] += piece
+    return parts["reasoning"].strip(), parts["content"].strip()
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

@@ -1,0 +1,85 @@
+"""Server settings: which model, who may call, and the limits of one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the server answers 4xx before any compute.
+
+    Attributes:
+        max_body_bytes: request body size (bytes; 413 beyond it).
+        max_image_pixels: width x height of an uploaded image, checked from the
+            file header before it is decoded (a guard against decompression bombs).
+        image_formats: Pillow format names accepted for uploads.
+        max_images: images in one request (edit uploads, chat image parts).
+        max_n: images per generation request (``n``).
+        max_steps: ``num_inference_steps`` (schedule points).
+        max_prompt_tokens: tokens of a prompt, or of all texts of a chat request.
+        max_tokens: ``max_tokens`` of a chat completion.
+    """
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+    max_images: int = 4
+    max_n: int = 4
+    max_steps: int = 100
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 2048
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "image_formats" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"limit {f.name} must be a whole number >= 1, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server runs.
+
+    Attributes:
+        model: checkpoint folder; ``None`` serves the embedded default model.
+        model_name: the id in ``/v1/models`` and responses (default: the
+            folder's name, ``openbagel-shapes`` for the embedded model).
+        dtype, device: as :meth:`~openbagel.pipeline.BagelPipeline.from_pretrained`.
+        api_key: when set, every ``/v1`` route needs ``Authorization: Bearer KEY``.
+        max_queue: requests waiting for the engine; one more is answered 429.
+        max_concurrency: requests inside the engine at once (each in its own thread).
+        log_prompts: include prompt texts in the per-request log lines.
+        limits: :class:`Limits` of one request.
+    """
+
+    model: str | Path | None = None
+    model_name: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    api_key: str | None = None
+    max_queue: int = 16
+    max_concurrency: int = 1
+    log_prompts: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self):
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be a whole number >= 0, got {self.max_queue!r}")
+        if (
+            isinstance(self.max_concurrency, bool)
+            or not isinstance(self.max_concurrency, int)
+            or self.max_concurrency < 1
+        ):
+            raise ValueError(f"max_concurrency must be a whole number >= 1, got {self.max_concurrency!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; give a key or none")
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model is None:
+            return "openbagel-shapes"
+        return Path(self.model).resolve().name or "openbagel"

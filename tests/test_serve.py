@@ -1,0 +1,552 @@
+"""The HTTP server in process (FastAPI's TestClient) on the embedded model:
+routes, OpenAI shapes, request isolation, limits and errors; the engine's
+queue and cancellation with stand-in jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from openbagel import BagelPipeline
+from openbagel.serve import Limits, ServeSettings, create_app
+from openbagel.serve.engine import Cancelled, Engine, Job, QueueFull
+from openbagel.serve.inputs import ReasoningSplitter, split_thinking
+from openbagel.serve.metrics import Metrics
+from openbagel.shapes import world
+
+FAST = {"num_inference_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return BagelPipeline.from_pretrained()
+
+
+def _client(pipe, **settings) -> TestClient:
+    app = create_app(ServeSettings(**settings), pipe=pipe)
+    client = TestClient(app)
+    client.__enter__()
+    assert app.state.engine.wait_loaded(30)
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(shapes_pipe):
+    c = _client(shapes_pipe)
+    yield c
+    c.__exit__(None, None, None)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def scene_image(size: int = 64) -> Image.Image:
+    obj = world.Obj("circle", "red", "large", (1, 1))
+    return world.render(world.Scene((obj,), "white"), size)
+
+
+def data_url(img: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels (no pixel data)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
+# ---------------------------------------------------------------------------
+# routes
+
+
+def test_health_ready_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready", "model": "openbagel-shapes"}
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["openbagel-shapes"] and models["object"] == "list"
+    assert client.get("/v1/models/openbagel-shapes").json()["id"] == "openbagel-shapes"
+    r = client.get("/v1/models/gpt-4o")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_generations_n_gives_different_seeded_images(client, shapes_pipe):
+    r = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 3, "seed": 7, **FAST})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["seed"] for d in data] == [7, 8, 9]
+    images = [decode(d["b64_json"]) for d in data]
+    assert all(i.size == (64, 64) for i in images)
+    assert len({i.tobytes() for i in images}) == 3  # n different images, never n copies
+    # each equals the Python API's image for its seed
+    ref = shapes_pipe.text_to_image("a red circle", seed=8, num_timesteps=4).image
+    assert images[1].tobytes() == ref.tobytes()
+    assert r.headers["x-request-id"].startswith("req-")
+
+
+def test_generations_pass_every_setting(client, shapes_pipe):
+    knobs = {"guidance_scale": 2.0, "timestep_shift": 2.0, "cfg_interval": [0.2, 1.0], "cfg_renorm_type": "channel"}
+    r = client.post(
+        "/v1/images/generations", json={"prompt": "a blue square", "seed": 3, "size": "48x32", **FAST, **knobs}
+    )
+    assert r.status_code == 200, r.text
+    got = decode(r.json()["data"][0]["b64_json"])
+    ref = shapes_pipe.text_to_image(
+        "a blue square", seed=3, width=48, height=32, num_timesteps=4, guidance_scale=2.0, timestep_shift=2.0,
+        cfg_interval=(0.2, 1.0), cfg_renorm_type="channel",
+    ).image  # fmt: skip
+    assert got.size == (48, 32) and got.tobytes() == ref.tobytes()
+    plain = client.post("/v1/images/generations", json={"prompt": "a blue square", "seed": 3, "size": "48x32", **FAST})
+    assert decode(plain.json()["data"][0]["b64_json"]).tobytes() != ref.tobytes()  # the guidance was not dropped
+
+
+def test_generations_jpeg_and_think(client):
+    r = client.post(
+        "/v1/images/generations", json={"prompt": "a shape", "seed": 1, "output_format": "jpeg", "think": True, **FAST}
+    )
+    assert r.status_code == 200, r.text
+    d = r.json()["data"][0]
+    assert decode(d["b64_json"]).format == "JPEG"
+    assert isinstance(d["reasoning_content"], str) and d["reasoning_content"]
+
+
+def test_edits_size_follows_input_or_request(client, shapes_pipe):
+    src = scene_image(48)
+    files = {"image": ("in.png", png_bytes(src), "image/png")}
+    r = client.post(
+        "/v1/images/edits", files=files, data={"prompt": "make it blue", "seed": "2", "num_inference_steps": "4"}
+    )
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["data"][0]["b64_json"])
+    ref = shapes_pipe.edit(src, "make it blue", seed=2, num_timesteps=4).image
+    assert out.size == (48, 48) and out.tobytes() == ref.tobytes()
+    r = client.post(
+        "/v1/images/edits", files=files, data={"prompt": "make it blue", "size": "32x32", "num_inference_steps": "4"}
+    )
+    assert decode(r.json()["data"][0]["b64_json"]).size == (32, 32)  # never silently ignored
+
+
+def test_edits_style_preset_and_several_images(client, shapes_pipe):
+    src = scene_image()
+    files = [("image[]", ("a.png", png_bytes(src), "image/png")), ("image[]", ("b.png", png_bytes(src), "image/png"))]
+    r = client.post("/v1/images/edits", files=files, data={"style": "invert", "seed": "0", "num_inference_steps": "4"})
+    assert r.status_code == 200, r.text
+    ref = shapes_pipe.edit(src, style="invert", images=[src], seed=0, num_timesteps=4).image
+    assert decode(r.json()["data"][0]["b64_json"]).tobytes() == ref.tobytes()
+
+
+def test_chat_plain_with_image_and_usage(client, shapes_pipe):
+    img = scene_image()
+    question = "What colour is the circle?"
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": question}],
+        }
+    ]
+    r = client.post("/v1/chat/completions", json={"model": "openbagel-shapes", "messages": msgs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": shapes_pipe.understand(img, question).text}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    u = body["usage"]
+    assert u["completion_tokens"] >= 1 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_chat_history_is_sent_by_the_client(client, shapes_pipe):
+    msgs = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What shapes are there?"},
+        {"role": "assistant", "content": "circles"},
+        {"role": "user", "content": "And colours?"},
+    ]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    chat = shapes_pipe.chat("Answer briefly.")
+    chat.add_text("What shapes are there?")
+    chat.add_answer("circles")
+    chat.add_text("And colours?")
+    assert r.json()["choices"][0]["message"]["content"] == chat.reply(shapes_pipe.text_sampling(5))
+    assert r.json()["usage"]["completion_tokens"] <= 5
+
+
+def _stream(client, payload) -> list[dict]:
+    r = client.post("/v1/chat/completions", json={**payload, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in r.text.split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+
+
+def test_chat_stream_equals_the_whole_answer(client):
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(scene_image())}},
+                {"type": "text", "text": "How many shapes are there?"},
+            ],
+        }
+    ]
+    whole = client.post("/v1/chat/completions", json={"messages": msgs}).json()
+    chunks = _stream(client, {"messages": msgs, "stream_options": {"include_usage": True}})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text.strip() == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == whole["usage"]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+
+
+def test_chat_reasoning_comes_back_apart(client):
+    msgs = [{"role": "user", "content": "Draw a cool shape: which colour?"}]
+    whole = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning": True, "max_tokens": 40}).json()
+    message = whole["choices"][0]["message"]
+    assert "reasoning_content" in message and message["reasoning_content"]
+    chunks = _stream(client, {"messages": msgs, "reasoning": True, "max_tokens": 40})
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas).strip()
+    content = "".join(d.get("content", "") for d in deltas).strip()
+    assert (reasoning, content) == (message["reasoning_content"], message["content"])
+    off = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning_effort": "none", "max_tokens": 40})
+    assert "reasoning_content" not in off.json()["choices"][0]["message"]
+
+
+def test_requests_are_isolated(shapes_pipe):
+    """edit -> understand -> generate -> understand on one server == each on a fresh server."""
+    src = scene_image()
+    ask = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(src)}},
+                    {"type": "text", "text": "What colour is the circle?"},
+                ],
+            }
+        ]
+    }
+    requests = [
+        ("edit", {"prompt": "make it blue", "seed": "4", "num_inference_steps": "4"}),
+        ("chat", ask),
+        ("gen", {"prompt": "a green triangle", "seed": 5, **FAST}),
+        ("chat", ask),
+    ]
+
+    def send(c, kind, payload):
+        if kind == "edit":
+            r = c.post("/v1/images/edits", files={"image": ("a.png", png_bytes(src), "image/png")}, data=payload)
+            return r.json()["data"][0]["b64_json"]
+        if kind == "gen":
+            return c.post("/v1/images/generations", json=payload).json()["data"][0]["b64_json"]
+        return c.post("/v1/chat/completions", json=payload).json()["choices"][0]["message"]["content"]
+
+    shared = _client(shapes_pipe)
+    try:
+        answers = [send(shared, k, p) for k, p in requests]
+    finally:
+        shared.__exit__(None, None, None)
+    fresh_pipe = BagelPipeline.from_pretrained()
+    for (kind, payload), got in zip(requests, answers):
+        fresh = _client(fresh_pipe)
+        try:
+            assert send(fresh, kind, payload) == got, kind
+        finally:
+            fresh.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------
+# bad input: the documented status and type, never a 500
+
+BAD_JSON = [
+    ("/v1/images/generations", {"prompt": "x", "guidance_scal": 4}, 400, "guidance_scal"),
+    ("/v1/images/generations", {}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "x", "n": 99}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "x", "size": "100x64"}, 400, "size"),
+    ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 400, "size"),
+    ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size"),
+    ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 1000}, 400, "num_inference_steps"),
+    ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "response_format"),
+    ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, "model"),
+    ("/v1/images/generations", {"prompt": "x", "cfg_renorm_type": "nope"}, 400, "cfg_renorm_type"),
+    ("/v1/images/generations", {"prompt": "x", "timestep_shift": -1}, 400, None),
+    ("/v1/images/generations", {"prompt": "x", "cfg_interval": [0.5]}, 400, "cfg_interval[1]"),
+    ("/v1/images/generations", {"prompt": 5}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["."]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}
+            ]
+        },
+        400,
+        "messages[0].content[0].image_url",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}
+            ]
+        },
+        400,
+        "messages[0].content[0].image_url",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "late"},
+                {"role": "user", "content": "b"},
+            ]
+        },
+        400,
+        "messages[1]",
+    ),
+]
+
+
+@pytest.mark.parametrize("route,payload,status,param", BAD_JSON)
+def test_bad_json_requests(client, route, payload, status, param):
+    r = client.post(route, json=payload)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_malformed_bodies(client):
+    r = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/images/edits", data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+@pytest.mark.parametrize(
+    "image,code",
+    [
+        (png_header_only(5000, 5000), "image_too_large"),  # our limit, from the header
+        (png_header_only(100_000, 100_000), "image_too_large"),  # Pillow's own bomb guard
+        (png_bytes(Image.new("RGB", (8, 8)), "TIFF"), "invalid_image_format"),
+        (b"not an image", "invalid_image"),
+        (b"", "invalid_image"),
+    ],
+)
+def test_bad_uploads(client, image, code):
+    r = client.post("/v1/images/edits", files={"image": ("x.png", image, "image/png")}, data={"prompt": "x"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["param"] == "image"
+
+
+def test_mask_is_refused(client):
+    png = png_bytes(scene_image())
+    r = client.post(
+        "/v1/images/edits",
+        files={"image": ("a.png", png, "image/png"), "mask": ("m.png", png, "image/png")},
+        data={"prompt": "x"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
+
+
+def test_limits(shapes_pipe):
+    c = _client(shapes_pipe, limits=Limits(max_body_bytes=2000, max_prompt_tokens=6))
+    try:
+        r = c.post("/v1/images/generations", json={"prompt": "a " * 2000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = c.post("/v1/images/generations", json={"prompt": "a red circle above a blue square on a white background"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+        r = c.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "one two three four five six seven"}]},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_api_key(shapes_pipe):
+    c = _client(shapes_pipe, api_key="s3cret")
+    try:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_log_lines_leave_prompts_out_unless_asked(shapes_pipe, caplog):
+    caplog.set_level("INFO", logger="openbagel.serve")
+    for log_prompts in (False, True):
+        c = _client(shapes_pipe, log_prompts=log_prompts)
+        try:
+            c.post("/v1/images/generations", json={"prompt": "secret plan", **FAST})
+        finally:
+            c.__exit__(None, None, None)
+    lines = [r.getMessage() for r in caplog.records if "POST /v1/images/generations 200" in r.getMessage()]
+    assert len(lines) == 2 and "secret plan" not in lines[0] and "secret plan" in lines[1]
+    assert lines[0].startswith("req-") and lines[0].endswith(" ms")
+
+
+def test_metrics_count_requests_and_images(shapes_pipe):
+    c = _client(shapes_pipe)
+    try:
+        c.post("/v1/images/generations", json={"prompt": "x", "n": 2, **FAST})
+        c.post("/v1/images/generations", json={"prompt": "x", "n": 0})
+        text = c.get("/metrics").text
+    finally:
+        c.__exit__(None, None, None)
+    assert "openbagel_images_generated_total 2.0" in text
+    assert 'openbagel_requests_total{outcome="ok",route="/v1/images/generations"} 1.0' in text
+    assert 'openbagel_requests_total{outcome="client_error",route="/v1/images/generations"} 1.0' in text
+    assert "openbagel_queue_depth 0.0" in text and "openbagel_requests_in_flight 0.0" in text
+
+
+def test_not_ready_answers_503():
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(10)
+        raise RuntimeError("weights missing")
+
+    from openbagel.serve import app as app_module
+
+    settings = ServeSettings()
+    app = app_module.create_app(settings)
+    app.state.engine._load = slow_load
+    with TestClient(app) as c:
+        assert c.get("/ready").status_code == 503
+        r = c.post("/v1/images/generations", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready" and r.headers["retry-after"]
+        gate.set()
+        app.state.engine.wait_loaded(10)
+        assert c.get("/ready").json()["status"] == "failed"
+        assert c.post("/v1/images/generations", json={"prompt": "x"}).json()["error"]["code"] == "model_load_failed"
+
+
+# ---------------------------------------------------------------------------
+# the engine: queue bound, cancellation
+
+
+def _engine(max_queue=1, max_concurrency=1) -> Engine:
+    e = Engine(lambda: "pipe", max_queue, max_concurrency, Metrics())
+    e.start()
+    e.wait_loaded(5)
+    return e
+
+
+def test_queue_is_bounded_and_drains():
+    async def main():
+        e = _engine(max_queue=1)
+        gate = threading.Event()
+        e.admit()
+        first = asyncio.ensure_future(e.run(lambda job: gate.wait(5) and "a", Job()))
+        e.admit()
+        second = asyncio.ensure_future(e.run(lambda job: "b", Job()))
+        await asyncio.sleep(0.05)
+        assert (e.running, e.waiting) == (1, 1)
+        with pytest.raises(QueueFull):
+            e.admit()
+        gate.set()
+        assert await first == "a" and await second == "b"
+        assert (e.running, e.waiting) == (0, 0)
+        e.admit()  # room again
+        assert await e.run(lambda job: "c", Job()) == "c"
+
+    asyncio.run(main())
+
+
+def test_disconnect_while_waiting_leaves_the_queue():
+    async def main():
+        e = _engine(max_queue=2)
+        gate = threading.Event()
+        e.admit()
+        first = asyncio.ensure_future(e.run(lambda job: gate.wait(5), Job()))
+        await asyncio.sleep(0.02)
+        gone = False
+
+        async def disconnected():
+            return gone
+
+        e.admit()
+        second = asyncio.ensure_future(e.run(lambda job: "never", Job(), disconnected))
+        await asyncio.sleep(0.05)
+        assert e.waiting == 1
+        gone = True
+        with pytest.raises(Cancelled):
+            await second
+        assert e.waiting == 0 and e.running == 1
+        gate.set()
+        await first
+        assert e.running == 0
+
+    asyncio.run(main())
+
+
+def test_disconnect_while_running_stops_at_the_next_step():
+    steps = []
+
+    def work(job: Job):
+        for i in range(500):
+            job.on_step()
+            steps.append(i)
+            time.sleep(0.01)
+        return "done"
+
+    async def main():
+        e = _engine()
+        t0 = time.perf_counter()
+
+        async def disconnected():
+            return time.perf_counter() - t0 > 0.2
+
+        e.admit()
+        with pytest.raises(Cancelled):
+            await e.run(work, Job(), disconnected)
+        await asyncio.sleep(0.05)
+        assert e.running == 0 and e.waiting == 0
+
+    asyncio.run(main())
+    assert 5 < len(steps) < 100  # stopped long before the 500 steps
+
+
+def test_reasoning_splitter_holds_back_split_tags():
+    s = ReasoningSplitter()
+    pieces = ["<th", "ink> plan", " a</th", "ink> ans", "wer"]
+    out = [p for piece in pieces for p in s.feed(piece)] + s.flush()
+    assert "".join(t for k, t in out if k == "reasoning") == " plan a"
+    assert "".join(t for k, t in out if k == "content") == " answer"
+    assert split_thinking("<think>x</think> y") == ("x", "y")
+    assert split_thinking("never closed") == ("never closed", "")

@@ -1,0 +1,235 @@
+"""``openbagel serve`` as a real process on 127.0.0.1, driven by the official
+``openai`` client and by waves of concurrent requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from openbagel.shapes import world
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+MAX_QUEUE = 6
+FAST = {"num_inference_steps": 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openbagel.cli", "serve", "--port", str(port), "--api-key", KEY,
+             "--max-queue", str(MAX_QUEUE), "--log-prompts"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"server not ready: {log.read_text()[-2000:]}")
+        yield base, proc, log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _scene() -> Image.Image:
+    return world.render(world.Scene((world.Obj("square", "blue", "large", (1, 1)),), "white"))
+
+
+def _image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_openai_images_generate(client):
+    r = client.images.generate(
+        model="openbagel-shapes", prompt="a red circle", n=2, size="64x64", response_format="b64_json",
+        extra_body={"seed": 11, **FAST},
+    )  # fmt: skip
+    images = [_image(d.b64_json) for d in r.data]
+    assert [i.size for i in images] == [(64, 64), (64, 64)]
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+def test_openai_images_edit(client):
+    r = client.images.edit(
+        image=("in.png", _png(_scene().resize((48, 48))), "image/png"), prompt="make it red",
+        extra_body={"seed": 2, **FAST},
+    )  # fmt: skip
+    assert _image(r.data[0].b64_json).size == (48, 48)
+
+
+def test_openai_chat_plain_image_stream_reasoning(client):
+    plain = client.chat.completions.create(model="openbagel-shapes", messages=[{"role": "user", "content": "hello"}])
+    assert isinstance(plain.choices[0].message.content, str) and plain.usage.completion_tokens >= 1
+
+    url = "data:image/png;base64," + base64.b64encode(_png(_scene())).decode()
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "What colour is the square?"},
+            ],
+        }
+    ]
+    answer = client.chat.completions.create(model="openbagel-shapes", messages=msgs).choices[0].message.content
+    assert answer
+
+    stream = client.chat.completions.create(model="openbagel-shapes", messages=msgs, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.strip() == answer
+
+    r = client.chat.completions.create(
+        model="openbagel-shapes", messages=[{"role": "user", "content": "Pick a warm colour."}],
+        max_tokens=40, extra_body={"reasoning": True},
+    )  # fmt: skip
+    assert r.choices[0].message.reasoning_content  # beside the answer, not inside it
+    assert "<think>" not in (r.choices[0].message.content or "")
+
+
+def test_openai_errors_map_to_exceptions(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="x", size="100x100")
+    assert e.value.body["param"] == "size"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in client.models.list()] == ["openbagel-shapes"]
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_two_waves_of_50_concurrent_requests(server):
+    base, proc, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = "data:image/png;base64," + base64.b64encode(_png(_scene())).decode()
+
+    def one(i: int):
+        with httpx.Client(base_url=base, headers=headers, timeout=120) as h:
+            if i % 2:
+                r = h.post("/v1/images/generations", json={"prompt": f"a red circle {i}", "seed": i, **FAST})
+                ok = r.status_code == 200 and _image(r.json()["data"][0]["b64_json"]).size == (64, 64)
+            else:
+                msgs = [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": url}},
+                            {"type": "text", "text": "How many shapes are there?"},
+                        ],
+                    }
+                ]
+                r = h.post("/v1/chat/completions", json={"messages": msgs})
+                ok = r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str)
+            if r.status_code == 429:
+                ok = r.json()["error"]["type"] == "rate_limit_error" and "retry-after" in r.headers
+            return r.status_code, ok
+
+    depths: list[float] = []
+    stop = threading.Event()
+
+    def watch():
+        with httpx.Client(base_url=base, timeout=10) as h:
+            while not stop.is_set():
+                depths.append(_metric(h.get("/metrics").text, "openbagel_queue_depth"))
+                time.sleep(0.01)
+
+    rss = []
+    for _wave in range(2):
+        stop.clear()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(one, range(50)))
+        stop.set()
+        watcher.join()
+        assert len(results) == 50 and all(ok for _, ok in results), results  # none lost, each right
+        codes = [c for c, _ in results]
+        assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1
+        metrics = httpx.get(f"{base}/metrics").text
+        assert _metric(metrics, "openbagel_queue_depth") == 0 and _metric(metrics, "openbagel_requests_in_flight") == 0
+        rss.append(_rss_kb(proc.pid))
+    assert max(depths) <= MAX_QUEUE
+    assert rss[1] <= rss[0] * 1.10, rss
+
+
+def test_a_client_that_leaves_stops_its_generation(server):
+    base, _, log = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = _metric(httpx.get(f"{base}/metrics").text, "openbagel_images_generated_total")
+    with pytest.raises(httpx.ReadTimeout):  # 4 images of 100 steps: far longer than the client waits
+        httpx.post(
+            f"{base}/v1/images/generations", json={"prompt": "leave early", "n": 4, "num_inference_steps": 100},
+            headers=headers, timeout=0.3,
+        )  # fmt: skip
+    for _ in range(200):
+        metrics = httpx.get(f"{base}/metrics").text
+        if _metric(metrics, "openbagel_requests_in_flight") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(metrics, "openbagel_requests_in_flight") == 0
+    assert _metric(metrics, "openbagel_images_generated_total") - before < 4  # stopped, not finished
+    time.sleep(0.2)
+    assert any("POST /v1/images/generations 499" in ln and "leave early" in ln for ln in log.read_text().splitlines())
+
+
+def test_one_log_line_per_request(server, client):
+    _, _, log = server
+    client.models.list()
+    time.sleep(0.2)
+    lines = [ln for ln in log.read_text().splitlines() if "GET /v1/models 200" in ln]
+    assert lines and " ms" in lines[-1] and "req-" in lines[-1]
