@@ -1,4 +1,4 @@
-"""The ``openbagel`` command line: generate, edit, understand, chat, serve."""
+"""The ``openbagel`` command line: generate, edit, understand, chat, frames, train, serve, ui, eval."""
 
 from __future__ import annotations
 
@@ -197,6 +197,13 @@ def _check_image_settings(model, device, dtype, task, height, width, seed, sampl
 
     config = _config(model, device, dtype)
     image_settings(config, getattr(config, task), height, width, seed, None, **sampling)
+
+
+def _require_gradio() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise InvalidInputError("the web UI needs Gradio: pip install 'openbagel[ui]' (or pip install gradio)")
 
 
 def _run(fn):
@@ -561,6 +568,9 @@ def serve(
     ),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens of a chat completion."),
     log_prompts: bool = typer.Option(False, "--log-prompts", help="Write prompt texts into the request log lines."),
+    with_ui: bool = typer.Option(
+        False, "--ui", help="Also serve the web UI at /ui (its requests bypass the API queue)."
+    ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -574,6 +584,8 @@ def serve(
         from openbagel.serve import Limits, ServeSettings, create_app
 
         _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
+        if with_ui:
+            _require_gradio()
         if not 1 <= port <= 65535:
             raise InvalidInputError(f"--port must be in 1..65535, got {port}")
         if not max_body_mb > 0:
@@ -585,13 +597,40 @@ def serve(
             )  # fmt: skip
             settings = ServeSettings(
                 model=model, model_name=model_name, dtype=dtype, device=device, api_key=api_key, max_queue=max_queue,
-                max_concurrency=max_concurrency, log_prompts=log_prompts, limits=limits,
+                max_concurrency=max_concurrency, log_prompts=log_prompts, limits=limits, ui=with_ui,
             )  # fmt: skip
         except ValueError as e:
             raise InvalidInputError(str(e).replace("_", "-")) from None
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        typer.echo(f"serving {settings.served_name} on http://{host}:{port} (API docs: /docs); loading the model...")
+        ui_note = f", web UI: http://{host}:{port}/ui" if with_ui else ""
+        typer.echo(
+            f"serving {settings.served_name} on http://{host}:{port} (API docs: /docs{ui_note}); loading the model..."
+        )
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+
+    _run(body)
+
+
+@app.command()
+def ui(
+    model: Optional[str] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", help="TCP port."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Open the web UI (Gradio): Generate, Edit, Understand, Chat and Frames tabs."""
+
+    def body():
+        _require_gradio()
+        from openbagel.ui import build_ui
+
+        _config(model, device, dtype)
+        if not 1 <= port <= 65535:
+            raise InvalidInputError(f"--port must be in 1..65535, got {port}")
+        blocks = build_ui(model, dtype=dtype, device=device)
+        typer.echo(f"openbagel UI on http://{host}:{port} (the model loads in the background)")
+        blocks.queue().launch(server_name=host, server_port=port, footer_links=[], quiet=True)
 
     _run(body)
 

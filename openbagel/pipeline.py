@@ -474,6 +474,7 @@ class BagelPipeline:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        on_step: Callable[[FlowStep], None] | None = None,
     ) -> ImageResult:
         """Predict the ``num_frames`` frames that follow a clip, one at a time:
         the context is the frames so far, each followed by ``instruction``
@@ -482,6 +483,7 @@ class BagelPipeline:
         of the next. ``context_frames`` keeps only the last K frames in the
         context (default: all). Frames come out at the first frame's size after
         the VAE-path resize. Sampling defaults come from the config's ``edit`` settings.
+        ``on_step``: as in :meth:`text_to_image`, for every denoising step of every frame.
 
         Returns:
             :class:`ImageResult` with the ``num_frames`` predicted frames in ``images``.
@@ -522,7 +524,7 @@ class BagelPipeline:
                 chat.add_text(instruction)
             if not s.height:
                 s.width, s.height = size
-            predicted.append(chat.generate_image(s).image)
+            predicted.append(chat.generate_image(s, on_step=on_step).image)
             history.append(predicted[-1])
         return ImageResult(predicted)
 

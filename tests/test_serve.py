@@ -550,3 +550,13 @@ def test_reasoning_splitter_holds_back_split_tags():
     assert "".join(t for k, t in out if k == "content") == " answer"
     assert split_thinking("<think>x</think> y") == ("x", "y")
     assert split_thinking("never closed") == ("never closed", "")
+
+
+def test_ui_mounts_at_slash_ui(shapes_pipe):
+    c = _client(shapes_pipe, ui=True)
+    try:
+        r = c.get("/ui/")
+        assert r.status_code == 200 and "gradio" in r.text.lower()
+        assert c.get("/health").json() == {"status": "ok"}  # the API is still there
+    finally:
+        c.__exit__(None, None, None)

@@ -703,6 +703,19 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    if settings.ui:
+        import gradio as gr
+
+        from openbagel.ui import ModelHandle, build_ui
+
+        def engine_pipe():
+            engine.wait_loaded()
+            if engine.pipe is None:
+                raise RuntimeError(engine.load_error or "the model did not load")
+            return engine.pipe
+
+        blocks = build_ui(settings.model, handle=ModelHandle(engine_pipe))
+        app = gr.mount_gradio_app(app, blocks.queue(), path="/ui", footer_links=[])
     return app
 
 

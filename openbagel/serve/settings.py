@@ -52,6 +52,8 @@ class ServeSettings:
         max_concurrency: requests inside the engine at once (each in its own thread).
         log_prompts: include prompt texts in the per-request log lines.
         limits: :class:`Limits` of one request.
+        ui: also mount the web UI (:mod:`openbagel.ui`) at ``/ui``; its
+            requests use the same model but not the API's queue.
     """
 
     model: str | Path | None = None
@@ -63,6 +65,7 @@ class ServeSettings:
     max_concurrency: int = 1
     log_prompts: bool = False
     limits: Limits = field(default_factory=Limits)
+    ui: bool = False
 
     def __post_init__(self):
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
