@@ -199,6 +199,23 @@ def _check_image_settings(model, device, dtype, task, height, width, seed, sampl
     image_settings(config, getattr(config, task), height, width, seed, None, **sampling)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on, with one clear line (before loading anything)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise InvalidInputError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise InvalidInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def _require_gradio() -> None:
     import importlib.util
 
@@ -588,8 +605,10 @@ def serve(
             _require_gradio()
         if not 1 <= port <= 65535:
             raise InvalidInputError(f"--port must be in 1..65535, got {port}")
-        if not max_body_mb > 0:
-            raise InvalidInputError(f"--max-body-mb must be > 0, got {max_body_mb}")
+        if not 0 < max_body_mb < 1e6:
+            raise InvalidInputError(
+                f"--max-body-mb must be a number of MiB above 0 (and below a million), got {max_body_mb}"
+            )
         try:
             limits = Limits(
                 max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_n=max_n,
@@ -599,8 +618,10 @@ def serve(
                 model=model, model_name=model_name, dtype=dtype, device=device, api_key=api_key, max_queue=max_queue,
                 max_concurrency=max_concurrency, log_prompts=log_prompts, limits=limits, ui=with_ui,
             )  # fmt: skip
-        except ValueError as e:
-            raise InvalidInputError(str(e).replace("_", "-")) from None
+        except ValueError as e:  # messages start with the setting's name
+            name, _, rest = str(e).partition(" ")
+            raise InvalidInputError(f"--{name.replace('_', '-')} {rest}") from None
+        _check_listen(host, port)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         ui_note = f", web UI: http://{host}:{port}/ui" if with_ui else ""
         typer.echo(
@@ -628,6 +649,7 @@ def ui(
         _config(model, device, dtype)
         if not 1 <= port <= 65535:
             raise InvalidInputError(f"--port must be in 1..65535, got {port}")
+        _check_listen(host, port)
         blocks = build_ui(model, dtype=dtype, device=device)
         typer.echo(f"openbagel UI on http://{host}:{port} (the model loads in the background)")
         blocks.queue().launch(server_name=host, server_port=port, footer_links=[], quiet=True)

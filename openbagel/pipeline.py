@@ -150,6 +150,10 @@ def style_instruction(prompt: str | None, style: str | None) -> str:
 def _check_text(name: str, value) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
     return value
 
 

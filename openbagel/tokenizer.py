@@ -106,8 +106,10 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return list(self.hf.encode(text, add_special_tokens=False))
+        """Token ids of ``text`` (no special tokens added). Special-token strings
+        in the text, such as ``<|im_end|>``, stay plain text: what a user
+        writes can never become a control token of the context."""
+        return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, without special tokens such as ``<|im_end|>``

@@ -289,8 +289,19 @@ BAD_JSON = [
     ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, "model"),
     ("/v1/images/generations", {"prompt": "x", "cfg_renorm_type": "nope"}, 400, "cfg_renorm_type"),
     ("/v1/images/generations", {"prompt": "x", "timestep_shift": -1}, 400, None),
-    ("/v1/images/generations", {"prompt": "x", "cfg_interval": [0.5]}, 400, "cfg_interval[1]"),
+    ("/v1/images/generations", {"prompt": "x", "cfg_interval": [0.5]}, 400, "cfg_interval"),
     ("/v1/images/generations", {"prompt": 5}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "\ud800"}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "x" * 500_000}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "x", "n": True}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "x", "n": "2"}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/v1/images/generations", {"prompt": "x", "think": "yes"}, 400, "think"),
+    ("/v1/images/generations", {"prompt": "x", "size": "\u0661\u0666x\u0661\u0666"}, 400, "size"),
+    ("/v1/images/generations", {"prompt": "x", "guidance_scale": float("nan")}, 400, "guidance_scale"),
+    ("/v1/images/generations", {"prompt": "x", "timestep_shift": 0}, 400, "timestep_shift"),
+    ("/v1/images/generations", {"prompt": "x", "cfg_interval": [1, 0]}, 400, "cfg_interval"),
+    ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 1}, 400, "num_inference_steps"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
@@ -298,6 +309,28 @@ BAD_JSON = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["."]}, 400, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, 400, "messages[0].content"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+        400,
+        "messages[0].tool_calls",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "image_url": {"url": "http://x"}}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"x": 1}}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 400, "max_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6},
+        400,
+        "max_completion_tokens",
+    ),
     (
         "/v1/chat/completions",
         {
@@ -335,7 +368,8 @@ BAD_JSON = [
 
 @pytest.mark.parametrize("route,payload,status,param", BAD_JSON)
 def test_bad_json_requests(client, route, payload, status, param):
-    r = client.post(route, json=payload)
+    # json.dumps writes NaN and escaped lone surrogates, as some clients do
+    r = client.post(route, content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -347,10 +381,16 @@ def test_bad_json_requests(client, route, payload, status, param):
 def test_malformed_bodies(client):
     r = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = client.post("/v1/images/edits", data={"prompt": "x"})
+    r = client.post("/v1/images/edits", files={"prompt": (None, "x")})  # multipart, no image
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    r = client.post("/v1/images/edits", data={"prompt": "x"})  # a urlencoded form
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    r = client.post("/v1/images/edits", json={"prompt": "x"})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    r = client.post("/v1/images/generations", content=b"a prompt", headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -393,6 +433,17 @@ def test_limits(shapes_pipe):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     finally:
         c.__exit__(None, None, None)
+
+
+def test_special_token_strings_stay_text(shapes_pipe):
+    ids = shapes_pipe.tokenizer.encode("</think><|im_end|><|im_start|>")
+    assert not set(ids) & set(shapes_pipe.tokenizer.ids.values())
+
+
+def test_api_key_must_fit_in_a_header():
+    for key in ("clé", "two words", "\t"):
+        with pytest.raises(ValueError, match="api_key"):
+            ServeSettings(api_key=key)
 
 
 def test_api_key(shapes_pipe):
@@ -560,3 +611,39 @@ def test_ui_mounts_at_slash_ui(shapes_pipe):
         assert c.get("/health").json() == {"status": "ok"}  # the API is still there
     finally:
         c.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--port", "0"], "--port must be in 1..65535"),
+        (["--max-queue", "-1"], "--max-queue must be a whole number >= 0"),
+        (["--max-n", "0"], "--max-n must be a whole number >= 1"),
+        (["--max-body-mb", "inf"], "--max-body-mb must be"),
+        (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an address"),
+        (["--api-key", "clé"], "--api-key must be printable ASCII"),
+        (["--model", "/nonexistent"], "/nonexistent"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(args, message):
+    from typer.testing import CliRunner
+
+    from openbagel.cli import app
+
+    r = CliRunner().invoke(app, ["serve", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_serve_refuses_a_port_in_use():
+    import socket
+
+    from typer.testing import CliRunner
+
+    from openbagel.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "--port", str(port)])
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output, r.output

@@ -227,6 +227,33 @@ def test_a_client_that_leaves_stops_its_generation(server):
     assert any("POST /v1/images/generations 499" in ln and "leave early" in ln for ln in log.read_text().splitlines())
 
 
+def test_a_stream_cut_by_the_client_is_counted_and_freed(server):
+    base, _, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    cancelled = 'openbagel_requests_total{outcome="cancelled",route="/v1/chat/completions"}'
+    before = httpx.get(f"{base}/metrics").text
+    busy = threading.Thread(  # keeps the engine busy, so the stream below waits in the queue
+        target=httpx.post,
+        args=(f"{base}/v1/images/generations",),
+        kwargs={"json": {"prompt": "busy", "n": 4, "num_inference_steps": 60}, "headers": headers, "timeout": 120},
+    )
+    busy.start()
+    time.sleep(0.3)
+    body = {"messages": [{"role": "user", "content": "hello"}], "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+        for _ in r.iter_lines():
+            break  # the first chunk, then leave
+    busy.join()
+    for _ in range(200):
+        metrics = httpx.get(f"{base}/metrics").text
+        if _metric(metrics, "openbagel_requests_in_flight") == 0 and cancelled in metrics:
+            break
+        time.sleep(0.05)
+    assert _metric(metrics, "openbagel_requests_in_flight") == 0 and _metric(metrics, "openbagel_queue_depth") == 0
+    was = _metric(before, cancelled) if cancelled in before else 0
+    assert _metric(metrics, cancelled) == was + 1
+
+
 def test_one_log_line_per_request(server, client):
     _, _, log = server
     client.models.list()

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,8 +53,9 @@ CLIENT_CLOSED = 499
 
 
 class _Body(BaseModel):
-    # unknown fields are refused: a misspelt setting must not be silently dropped
-    model_config = ConfigDict(extra="forbid")
+    # unknown fields are refused (a misspelt setting must not be silently
+    # dropped), and types are strict: no "2" or true for a number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _ImageKnobs(_Body):
@@ -70,7 +71,7 @@ class _ImageKnobs(_Body):
     num_inference_steps: int | None = Field(None, ge=2)
     guidance_scale: float | None = None
     image_guidance_scale: float | None = None
-    cfg_interval: tuple[float, float] | None = None
+    cfg_interval: list[float] | None = Field(None, min_length=2, max_length=2)
     timestep_shift: float | None = None
     cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
     cfg_renorm_min: float | None = None
@@ -93,24 +94,32 @@ class ImageEditRequest(_ImageKnobs):
     style: str | None = None  # a style preset (outline, pixel, invert) instead of a prompt
 
 
-class _ImageURL(BaseModel):
+class _ImageURL(_Body):
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; images are always read at the model's size
 
 
-class _Part(BaseModel):
+class _Part(_Body):
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: _ImageURL | None = None
 
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.type == "text" and (self.text is None or self.image_url is not None):
+            raise ValueError("a text part has 'text' (and no 'image_url')")
+        if self.type == "image_url" and (self.image_url is None or self.text is not None):
+            raise ValueError("an image_url part has 'image_url' (and no 'text')")
+        return self
 
-class _Message(BaseModel):
+
+class _Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[_Part] | None = None
-    name: str | None = None
+    name: str | None = None  # accepted and ignored
 
 
-class _StreamOptions(BaseModel):
+class _StreamOptions(_Body):
     include_usage: bool = False
 
 
@@ -149,12 +158,16 @@ def _error(status: int, message: str, type: str, param=None, code=None, headers=
     return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
+#: Union-member tags pydantic puts into error locations.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
 def _validation_error(errors: list[dict]) -> RequestError:
-    e = errors[0]
+    e = max(errors, key=lambda err: len(err.get("loc", ())))  # the deepest: the most precise
     param = ""
     for p in e.get("loc", ()):
-        if p in ("body", "form"):
-            continue
+        if p in ("body", "form") or (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)):
+            continue  # not a field: where the body sits, or which member of a union failed
         param += f"[{p}]" if isinstance(p, int) else (f".{p}" if param else str(p))
     param = param or None
     msg = e.get("msg", "invalid value")
@@ -162,6 +175,8 @@ def _validation_error(errors: list[dict]) -> RequestError:
         msg = f"unknown field {param!r}; see the API docs (/docs) for the accepted fields"
     elif e.get("type") == "missing":
         msg = f"{param} is required"
+    elif param is None and e.get("type") in ("model_type", "model_attributes_type", "dict_type", "json_invalid"):
+        msg = "the body must be a JSON object (Content-Type: application/json)"
     elif param:
         msg = f"{param}: {msg}"
     return RequestError(msg, param=param, code="invalid_value")
@@ -259,7 +274,9 @@ class _Guard:
                 return b"".join(chunks), None
 
     def _record(self, scope, rid: str, path: str, code: int, seconds: float) -> None:
-        route = path if path in _ROUTES else "other"
+        route = path if path in _ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        if scope.get("state", {}).get("stream_cut"):  # a stream the client left: not an answer
+            code = CLIENT_CLOSED
         outcome = (
             "ok" if code < 400 else "rejected" if code == 429 else "cancelled" if code == CLIENT_CLOSED
             else "client_error" if code < 500 else "error"
@@ -336,7 +353,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         return _error(e.status_code, str(e.detail), "invalid_request_error", code=code, headers=e.headers)
 
     @app.exception_handler(InvalidInputError)
@@ -397,6 +414,19 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             )
 
     def check_prompt(p, text: str, param: str = "prompt") -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(
+                f"{param} is not valid Unicode text (it holds a lone surrogate)", param=param, code="invalid_value"
+            ) from None
+        if len(text) > limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN:  # refused before tokenising
+            raise RequestError(
+                f"{param} is {len(text)} characters, more than {limits.max_prompt_tokens} tokens can hold "
+                "(openbagel serve --max-prompt-tokens)",
+                param=param,
+                code="prompt_too_long",
+            )
         n = len(p.tokenizer.encode(text))
         if n > limits.max_prompt_tokens:
             raise RequestError(
@@ -424,17 +454,17 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         height = width = None
         if body.size is not None and body.size != "auto":
             width, height = parse_size(body.size)
+        interval = tuple(body.cfg_interval) if body.cfg_interval is not None else None
         kw = dict(
             height=height, width=width, num_timesteps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, image_guidance_scale=body.image_guidance_scale,
-            timestep_shift=body.timestep_shift, cfg_interval=body.cfg_interval,
+            timestep_shift=body.timestep_shift, cfg_interval=interval,
             cfg_renorm_type=body.cfg_renorm_type, cfg_renorm_min=body.cfg_renorm_min,
         )  # fmt: skip
         try:  # every setting checked before the request queues
             p.image_settings(defaults, **{**kw, "seed": 0})
         except InvalidInputError as e:
-            param = "size" if ("height" in str(e) or "width" in str(e)) else None
-            raise RequestError(str(e), param=param, code="invalid_value") from None
+            raise RequestError(str(e), param=_param_of(str(e)), code="invalid_value") from None
         return kw
 
     def seeds(body: _ImageKnobs) -> list[int]:
@@ -512,6 +542,11 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     async def images_edits(request: Request):
         """Edit one or several uploaded images (multipart ``image``/``image[]`` and ``prompt``)."""
         p = ready_pipe()
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise RequestError(
+                "images/edits takes multipart/form-data (image files and text fields), as OpenAI's API does",
+                code="invalid_request",
+            )
         form = await request.form(max_files=limits.max_images, max_fields=64, max_part_size=limits.max_body_bytes)
         files = [*form.getlist("image"), *form.getlist("image[]")]
         fields: dict[str, str] = {}
@@ -530,7 +565,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
                 raise RequestError(f"{key} is given twice", param=key, code="invalid_value")
             fields[key] = value
         try:
-            body = ImageEditRequest.model_validate(fields)
+            body = ImageEditRequest.model_validate(fields, strict=False)  # form fields are text: "2" is a number here
         except ValidationError as e:
             raise _validation_error(list(e.errors())) from None
         if not files:
@@ -584,9 +619,8 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         request.scope["state"]["prompt_log"] = texts[-1] if texts else ""
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise RequestError(
-                f"max_tokens must be at most {limits.max_tokens}", param="max_tokens", code="invalid_value"
-            )
+            which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise RequestError(f"{which} must be at most {limits.max_tokens}", param=which, code="invalid_value")
         do_sample = (body.temperature or 0) > 0
         try:
             params = p.text_sampling(max_tokens, do_sample, body.temperature or None, body.top_p, think=think)
@@ -663,6 +697,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             splitter = ReasoningSplitter() if think else None
+            get = None
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
@@ -691,14 +726,18 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             except (InvalidInputError, RequestError, NumericalError) as e:
                 yield f"data: {json.dumps(error_body(str(e), 'invalid_request_error'))}\n\n"
             except Exception as e:
-                if isinstance(e, asyncio.CancelledError):
-                    raise
                 log.exception("stream failed")
                 yield f"data: {json.dumps(error_body(f'internal error ({type(e).__name__})', 'server_error'))}\n\n"
+            except BaseException:  # cancelled or closed: the client went away
+                request.scope["state"]["stream_cut"] = True
+                raise
             finally:
-                if not task.done():  # the client went away: stop at the next token
+                if get is not None and not get.done():
+                    get.cancel()
+                if not task.done():  # stop at the next token
                     job.cancel()
                     task.cancel()
+                task.add_done_callback(_quiet)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -719,6 +758,28 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     return app
 
 
+def _quiet(task: asyncio.Future) -> None:
+    """Collect a finished task's outcome, so that asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+#: Characters one token can hold at most, for refusing a huge prompt before tokenising it.
+MAX_CHARS_PER_TOKEN = 32
+#: Python argument names -> the HTTP field names that carry them.
+_FIELDS = {
+    "num_timesteps": "num_inference_steps", "image_guidance_scale": "image_guidance_scale",
+    "guidance_scale": "guidance_scale", "timestep_shift": "timestep_shift", "cfg_interval": "cfg_interval",
+    "cfg_renorm_type": "cfg_renorm_type", "cfg_renorm_min": "cfg_renorm_min", "height": "size", "width": "size",
+}  # fmt: skip
+
+
+def _param_of(message: str) -> str | None:
+    """The HTTP field a pipeline error message is about (the first field name it mentions)."""
+    found = [(message.find(k), v) for k, v in _FIELDS.items() if k in message]
+    return min(found)[1] if found else None
+
+
 async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, list]], list[str], list[str]]:
     """Chat messages -> ``(turns, system texts, all texts)``; turns are ``(role, [text | image])``.
 
@@ -732,7 +793,9 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
     texts: list[str] = []
     n_images = 0
     for i, m in enumerate(body.messages):
-        parts = [m.content] if isinstance(m.content, str) else list(m.content or [])
+        if m.content is None or m.content == [] or (m.role == "user" and m.content == ""):
+            raise RequestError(f"messages[{i}].content is empty", param=f"messages[{i}].content", code="invalid_value")
+        parts = [m.content] if isinstance(m.content, str) else list(m.content)
         items: list = []
         for j, part in enumerate(parts):
             where = f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}]")

@@ -164,6 +164,7 @@ class Engine:
                 raise
         finally:
             self.waiting -= 1
+            self._gauges()
         self.running += 1
         self._jobs.add(job)
         self._gauges()
@@ -179,7 +180,7 @@ class Engine:
             if fut.done():
                 self._finish(job)
             else:  # the slot stays taken until the thread has stopped
-                fut.add_done_callback(lambda _: self._finish(job))
+                fut.add_done_callback(lambda f: self._finish(job, f))
 
     async def _done(self, fut: asyncio.Future, is_disconnected, job: Job | None = None) -> bool:
         done, _ = await asyncio.wait({fut}, timeout=POLL_SECONDS)
@@ -191,7 +192,9 @@ class Engine:
             job.cancel()  # running: the thread stops at its next step
         return False
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: Job, fut: asyncio.Future | None = None) -> None:
+        if fut is not None and not fut.cancelled():
+            fut.exception()  # collected: the job ended after its request (a client that left)
         self.running -= 1
         self._jobs.discard(job)
         self._slots.release()

@@ -121,9 +121,13 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
     Raises:
         RequestError: not of the form ``WxH`` with whole numbers.
     """
-    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
+    m = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", size)
     if m is None:
-        raise RequestError(f"size must look like 512x512 (width x height in pixels), got {size[:40]!r}", param=param)
+        raise RequestError(
+            f"size must look like 512x512 (width x height in pixels), got {size[:40]!r}",
+            param=param,
+            code="invalid_value",
+        )
     return int(m.group(1)), int(m.group(2))
 
 

@@ -35,7 +35,7 @@ class Limits:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name != "image_formats" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"limit {f.name} must be a whole number >= 1, got {v!r}")
+                raise ValueError(f"{f.name} must be a whole number >= 1, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,12 @@ class ServeSettings:
             raise ValueError(f"max_concurrency must be a whole number >= 1, got {self.max_concurrency!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; give a key or none")
+        if self.api_key is not None and not (
+            self.api_key.isascii() and self.api_key.isprintable() and " " not in self.api_key
+        ):
+            raise ValueError(
+                "api_key must be printable ASCII without spaces (HTTP headers cannot carry other characters)"
+            )
 
     @property
     def served_name(self) -> str:
