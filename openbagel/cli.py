@@ -216,6 +216,10 @@ def _check_listen(host: str, port: int) -> None:
             raise InvalidInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+#: Largest file the web UI accepts.
+UI_MAX_UPLOAD = "32mb"
+
+
 def _require_gradio() -> None:
     import importlib.util
 
@@ -652,7 +656,9 @@ def ui(
         _check_listen(host, port)
         blocks = build_ui(model, dtype=dtype, device=device)
         typer.echo(f"openbagel UI on http://{host}:{port} (the model loads in the background)")
-        blocks.queue().launch(server_name=host, server_port=port, footer_links=[], quiet=True)
+        blocks.queue().launch(
+            server_name=host, server_port=port, footer_links=[], quiet=True, max_file_size=UI_MAX_UPLOAD
+        )
 
     _run(body)
 

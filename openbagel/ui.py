@@ -9,6 +9,7 @@ in the background when the app starts (:class:`ModelHandle`).
 from __future__ import annotations
 
 import random
+import re
 import secrets
 import tempfile
 import threading
@@ -75,8 +76,17 @@ class ModelHandle:
         self.start()
         self._done.wait()
         if self._pipe is None:
-            raise gr.Error(f"the model failed to load: {self._error}")
+            raise _Error(f"the model failed to load: {self._error}")
         return self._pipe
+
+
+#: Gradio's upload folders (``.../gradio/<hash>/``), left out of messages.
+_UPLOAD_DIR = re.compile(r"(?:/[^/\s'\"]+)*/gradio/[0-9a-f]{16,}/")
+
+
+def _Error(message: str) -> gr.Error:
+    """A message for the page; expected user errors leave no traceback in the log."""
+    return gr.Error(message, print_exception=False)
 
 
 def _friendly(fn):
@@ -85,8 +95,8 @@ def _friendly(fn):
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except OpenBagelError as e:
-            raise gr.Error(str(e)) from None
+        except OpenBagelError as e:  # files named as the user knows them, not by Gradio's upload folder
+            raise _Error(_UPLOAD_DIR.sub("", str(e))) from None
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -196,7 +206,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
     def edit(image, instruction, style, think, steps, guidance, image_guidance, lo, hi, shift, renorm, renorm_min,
              seed, size, progress=gr.Progress()):  # fmt: skip
         if image is None:
-            raise gr.Error("upload an image to edit")
+            raise _Error("upload an image to edit")
         pipe = handle.get()
         seed = _seed(seed)
         kw = {}
@@ -212,7 +222,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
     @_friendly
     def understand(image, question, think, max_new_tokens):
         if not question.strip():
-            raise gr.Error("ask a question")
+            raise _Error("ask a question")
         pipe = handle.get()
         r = pipe.understand(image, question, think=bool(think), max_new_tokens=int(max_new_tokens) or None)
         return r.text, r.reasoning or ""
@@ -234,11 +244,15 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
         text = (message or {}).get("text", "").strip()
         files = (message or {}).get("files", [])
         if not text and not files:
-            raise gr.Error("type a message or attach an image")
+            raise _Error("type a message or attach an image")
         from openbagel.images import load_image
 
         for f in files:
-            img = load_image(f)
+            try:
+                img = load_image(f)
+            except OpenBagelError:
+                gr.Warning(f"{Path(f).name} is not an image Pillow can read; left out", duration=8)
+                continue
             history = [*history, ("user", img)]
             shown = [*shown, {"role": "user", "content": {"path": save(img, "upload")}}]
         if text:
@@ -252,7 +266,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
     @_friendly
     def chat_draw(history, shown, progress=gr.Progress()):
         if not history:
-            raise gr.Error("say what to draw first")
+            raise _Error("say what to draw first")
         chat = chat_from(history)
         pipe = handle.get()
         img = chat.generate_image(pipe.image_settings(pipe.config.t2i), on_step=_stepper(progress, "denoising")).image
@@ -261,17 +275,18 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
         return history, shown, shown
 
     @_friendly
-    def frames(files, n, context, include_input, progress=gr.Progress()):
+    def frames(files, n, context, include_input, seed, progress=gr.Progress()):
         from openbagel.video import Clip, read_clip, write_clip
 
         if not files:
-            raise gr.Error("upload a clip (GIF, MP4, WebM) or the frames as image files")
+            raise _Error("upload a clip (GIF, MP4, WebM) or the frames as image files")
         paths = [f if isinstance(f, str) else f.name for f in files]
         clip = read_clip(paths[0] if len(paths) == 1 else paths)
         pipe = handle.get()
         r = pipe.predict_frames(
-            clip.frames, int(n), context_frames=int(context) or None, seed=0, on_step=_stepper(progress, "denoising")
-        )
+            clip.frames, int(n), context_frames=int(context) or None, seed=_seed(seed),
+            on_step=_stepper(progress, "denoising"),
+        )  # fmt: skip
         out = r.images
         if include_input:
             out = [f.resize(out[0].size) for f in clip.frames] + out
@@ -318,7 +333,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column():
-                    e_in = gr.Image(label="Image", type="pil", height=320)
+                    e_in = gr.Image(label="Image", type="filepath", height=320)
                     e_text = gr.Textbox(label="Instruction", placeholder="make the circle green")
                     e_style = gr.Dropdown(
                         ["none", *STYLE_PRESETS], value="none", label="Style preset (instead of an instruction)"
@@ -340,7 +355,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
         with gr.Tab("Understand"):
             with gr.Row():
                 with gr.Column():
-                    u_in = gr.Image(label="Image (optional)", type="pil", height=320)
+                    u_in = gr.Image(label="Image (optional)", type="filepath", height=320)
                     u_question = gr.Textbox(
                         label="Question", elem_id="understand-question", placeholder="What colour is the circle?"
                     )
@@ -362,14 +377,18 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
             shown = gr.State([])
             c_box = gr.Chatbot(label="Conversation", height=420)
             c_in = gr.MultimodalTextbox(
-                placeholder="Type a message, attach images", file_types=["image"], file_count="multiple"
+                label="Message",
+                placeholder="Type a message, attach images",
+                file_types=["image"],
+                file_count="multiple",
             )
             with gr.Row():
                 c_draw = gr.Button("Draw from the conversation")
                 c_clear = gr.Button("Clear")
             c_in.submit(chat_send, [c_in, history, shown], [c_in, history, shown, c_box])
             c_draw.click(chat_draw, [history, shown], [history, shown, c_box])
-            c_clear.click(lambda: ([], [], []), None, [history, shown, c_box])
+            c_clear.click(lambda: ([], [], [], None), None, [history, shown, c_box, c_in])
+            c_box.clear(lambda: ([], []), None, [history, shown])  # the conversation's own trash button
         with gr.Tab("Frames"):
             with gr.Row():
                 with gr.Column():
@@ -377,11 +396,12 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
                     f_n = gr.Slider(1, 16, value=2, step=1, label="Frames to predict")
                     f_context = gr.Number(0, precision=0, label="Context frames (0: all)")
                     f_include = gr.Checkbox(True, label="Include the input frames")
+                    f_seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
                     f_run = gr.Button("Predict", variant="primary")
                 with gr.Column():
                     f_out = gr.Image(label="Clip", type="filepath", buttons=["download"], interactive=False, height=320)
                     f_file = gr.File(label="Download")
             gr.Examples([[[examples["clip"]]]], [f_in])
-            f_run.click(frames, [f_in, f_n, f_context, f_include], [f_out, f_file])
+            f_run.click(frames, [f_in, f_n, f_context, f_include, f_seed], [f_out, f_file])
         ui.load(handle.start)
     return ui

@@ -613,6 +613,17 @@ def test_ui_mounts_at_slash_ui(shapes_pipe):
         c.__exit__(None, None, None)
 
 
+def test_ui_behind_an_api_key_asks_for_it(shapes_pipe):
+    c = _client(shapes_pipe, ui=True, api_key="k1")
+    try:
+        assert c.get("/ui/config").status_code == 401
+        assert c.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code != 200
+        assert c.post("/ui/login", data={"username": "me", "password": "k1"}).json() == {"success": True}
+        assert c.get("/ui/config").status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

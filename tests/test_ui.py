@@ -30,6 +30,21 @@ def test_preset_sizes():
     assert all(w % 16 == 0 and h % 16 == 0 for r in SIZE_PRESETS for w, h in [preset_size(r, 64)])
 
 
+def test_messages_name_uploads_without_their_folder():
+    from openbagel.errors import InvalidInputError
+    from openbagel.ui import _friendly
+
+    @_friendly
+    def read():
+        raise InvalidInputError("/tmp/gradio/0123456789abcdef0123/clip.gif: not a GIF Pillow can read")
+
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as e:
+        read()
+    assert e.value.message == "clip.gif: not a GIF Pillow can read"
+
+
 def test_model_handle_loads_once_and_reports_failures():
     calls = []
     h = ModelHandle(lambda: calls.append(1) or "pipe")

@@ -195,8 +195,8 @@ class _Guard:
         self.app, self.settings, self.metrics = app, settings, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"].startswith("/ui"):
+            return await self.app(scope, receive, send)  # the web UI's own traffic: not API requests
         rid = "req-" + secrets.token_hex(6)
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
@@ -754,7 +754,13 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             return engine.pipe
 
         blocks = build_ui(settings.model, handle=ModelHandle(engine_pipe))
-        app = gr.mount_gradio_app(app, blocks.queue(), path="/ui", footer_links=[])
+        key = settings.api_key
+        # with an API key, the UI asks for it as the password of a sign-in page (any user name)
+        auth = (lambda user, password: hmac.compare_digest(password.encode(), key.encode())) if key else None
+        app = gr.mount_gradio_app(
+            app, blocks.queue(), path="/ui", footer_links=[], auth=auth, max_file_size=settings.limits.max_body_bytes,
+            auth_message="Sign in with the server's API key as the password (any user name).",
+        )  # fmt: skip
     return app
 
 
