@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +16,7 @@ import pytest
 from PIL import Image
 
 from openbagel.shapes import world
+from tests.conftest import live_cli
 
 openai = pytest.importorskip("openai")
 
@@ -27,40 +25,12 @@ MAX_QUEUE = 6
 FAST = {"num_inference_steps": 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "openbagel.cli", "serve", "--port", str(port), "--api-key", KEY,
-             "--max-queue", str(MAX_QUEUE), "--log-prompts"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"},
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"server not ready: {log.read_text()[-2000:]}")
+    args = ["serve", "--api-key", KEY, "--max-queue", str(MAX_QUEUE), "--log-prompts"]
+    with live_cli(args, "/ready", log, env={**os.environ, "OMP_NUM_THREADS": "2"}) as (base, proc):
         yield base, proc, log
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from openbagel.ui import SIZE_PRESETS, ModelHandle, preset_size
+from tests.conftest import live_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OUTPUT = Path(os.environ.get("OPENBAGEL_TEST_OUTPUT", Path(__file__).resolve().parents[1] / "test-output")) / "ui"
@@ -71,37 +67,10 @@ def test_building_the_ui_loads_no_weights(monkeypatch):
     assert calls == [] and ui is not None  # the weights load only when the app starts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui_url(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("ui") / "ui.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "openbagel.cli", "ui", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"ui exited: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"ui did not start: {log.read_text()[-2000:]}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with live_cli(["ui"], "/", tmp_path_factory.mktemp("ui") / "ui.log") as (base, _):
+        yield base + "/"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs the system's chromium (apt install chromium)")
