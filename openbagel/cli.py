@@ -203,6 +203,8 @@ def _check_listen(host: str, port: int) -> None:
     """Refuse an address the server could not listen on, with one clear line (before loading anything)."""
     import socket
 
+    if not 1 <= port <= 65535:
+        raise InvalidInputError(f"--port must be in 1..65535, got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
@@ -607,8 +609,6 @@ def serve(
         _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
         if with_ui:
             _require_gradio()
-        if not 1 <= port <= 65535:
-            raise InvalidInputError(f"--port must be in 1..65535, got {port}")
         if not 0 < max_body_mb < 1e6:
             raise InvalidInputError(
                 f"--max-body-mb must be a number of MiB above 0 (and below a million), got {max_body_mb}"
@@ -651,8 +651,6 @@ def ui(
         from openbagel.ui import build_ui
 
         _config(model, device, dtype)
-        if not 1 <= port <= 65535:
-            raise InvalidInputError(f"--port must be in 1..65535, got {port}")
         _check_listen(host, port)
         blocks = build_ui(model, dtype=dtype, device=device)
         typer.echo(f"openbagel UI on http://{host}:{port} (the model loads in the background)")

@@ -139,7 +139,7 @@ def style_instruction(prompt: str | None, style: str | None) -> str:
     if style is None:
         if prompt is None:
             raise InvalidInputError(f"edit needs an instruction or a style preset ({', '.join(STYLE_PRESETS)})")
-        return _check_text("prompt", prompt)
+        return check_text("prompt", prompt)
     if prompt is not None:
         raise InvalidInputError("give an instruction or a style preset, not both")
     if not isinstance(style, str) or style not in STYLE_PRESETS:
@@ -147,7 +147,12 @@ def style_instruction(prompt: str | None, style: str | None) -> str:
     return STYLE_PRESETS[style]
 
 
-def _check_text(name: str, value) -> str:
+def check_text(name: str, value) -> str:
+    """``value`` if it is a string of valid Unicode text.
+
+    Raises:
+        InvalidInputError: not a string, or a lone surrogate in it (named by ``name``).
+    """
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
     try:
@@ -394,7 +399,7 @@ class BagelPipeline:
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
-        _check_text("prompt", prompt)
+        check_text("prompt", prompt)
         _check_flag("think", think)
         chat = self.chat(THINK_GENERATE_PROMPT if think else None)
         chat.add_text(prompt)
@@ -504,7 +509,7 @@ class BagelPipeline:
         for name, v in (("num_frames", num_frames), ("context_frames", context_frames)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
-        _check_text("instruction", instruction)
+        check_text("instruction", instruction)
         from openbagel.video import check_frame_sizes
 
         history = [load_image(f) for f in frames]
@@ -587,7 +592,7 @@ class BagelPipeline:
         loaded = [load_image(i) for i in images]
         params = self.text_sampling(max_new_tokens, do_sample, temperature, top_p, think=think)
         generator = make_generator(seed)
-        _check_text("question", question)
+        check_text("question", question)
         _check_flag("think", think)
         chat = self.chat(THINK_UNDERSTAND_PROMPT if think else None)
         for img in loaded:
@@ -610,14 +615,14 @@ class Chat:
         self.pipe = pipe
         self.session = Session(pipe.model, pipe.tokenizer.special)
         if system_prompt is not None:
-            _check_text("system_prompt", system_prompt)
+            check_text("system_prompt", system_prompt)
         if system_prompt:
             self.session.add_text(pipe.tokenizer.encode(system_prompt), user=False)
 
     @torch.inference_mode()
     def add_text(self, text: str) -> None:
         """A user text."""
-        ids = self.pipe.tokenizer.encode(_check_text("text", text))
+        ids = self.pipe.tokenizer.encode(check_text("text", text))
         with self.session.transaction():
             self.session.add_text(ids)
 
@@ -653,7 +658,7 @@ class Chat:
     @torch.inference_mode()
     def add_answer(self, text: str) -> None:
         """A previous answer of the model (a conversation history sent back by a client)."""
-        ids = self.pipe.tokenizer.encode(_check_text("text", text))
+        ids = self.pipe.tokenizer.encode(check_text("text", text))
         with self.session.transaction():
             self.session.add_text(ids, user=False)
 

@@ -12,7 +12,6 @@ import random
 import re
 import secrets
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from openbagel.errors import OpenBagelError
+from openbagel.serve.engine import ModelLoad
 
 #: Aspect-ratio presets of the size control (width : height).
 SIZE_PRESETS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
@@ -40,32 +40,18 @@ def preset_size(ratio: str, side: int, step: int = 16) -> tuple[int, int]:
 
 
 class ModelHandle:
-    """Loads the pipeline once, in a background thread, and hands it out.
+    """The UI's way to the model: a :class:`~openbagel.serve.engine.ModelLoad`
+    (the server's own under ``serve --ui``), whose failure the page shows.
 
     Args:
-        load: builds the :class:`~openbagel.pipeline.BagelPipeline`.
+        load: a function building the pipeline, or a ``ModelLoad`` to share.
     """
 
-    def __init__(self, load: Callable[[], object]):
-        self._load, self._pipe, self._error = load, None, None
-        self._done = threading.Event()
-        self._started = False
-        self._lock = threading.Lock()
+    def __init__(self, load: Callable[[], object] | ModelLoad):
+        self.model = load if isinstance(load, ModelLoad) else ModelLoad(load)
 
     def start(self) -> None:
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
-        threading.Thread(target=self._run, name="openbagel-ui-load", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self._pipe = self._load()
-        except Exception as e:  # shown to the user by get()
-            self._error = f"{type(e).__name__}: {e}"
-        finally:
-            self._done.set()
+        self.model.start()
 
     def get(self):
         """The loaded pipeline (waits for the load).
@@ -74,10 +60,10 @@ class ModelHandle:
             gr.Error: the model failed to load.
         """
         self.start()
-        self._done.wait()
-        if self._pipe is None:
-            raise _Error(f"the model failed to load: {self._error}")
-        return self._pipe
+        self.model.wait()
+        if self.model.value is None:
+            raise _Error(f"the model failed to load: {self.model.error}")
+        return self.model.value
 
 
 #: Gradio's upload folders (``.../gradio/<hash>/``), left out of messages.

@@ -496,7 +496,7 @@ def test_not_ready_answers_503():
 
     settings = ServeSettings()
     app = app_module.create_app(settings)
-    app.state.engine._load = slow_load
+    app.state.engine.model.load = slow_load
     with TestClient(app) as c:
         assert c.get("/ready").status_code == 503
         r = c.post("/v1/images/generations", json={"prompt": "x"})

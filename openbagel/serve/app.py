@@ -30,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openbagel.errors import InvalidInputError, NumericalError
+from openbagel.pipeline import check_text
 from openbagel.serve.engine import Cancelled, Engine, Job, NotReady, QueueFull
 from openbagel.serve.inputs import (
     ReasoningSplitter,
@@ -399,11 +400,6 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
     # -- helpers ----------------------------------------------------------
 
-    def ready_pipe():
-        if engine.pipe is None:
-            raise NotReady(engine.load_error or "loading")
-        return engine.pipe
-
     def check_model(model: str | None) -> None:
         if model is not None and model != name:
             raise RequestError(
@@ -415,11 +411,9 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
     def check_prompt(p, text: str, param: str = "prompt") -> None:
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(
-                f"{param} is not valid Unicode text (it holds a lone surrogate)", param=param, code="invalid_value"
-            ) from None
+            check_text(param, text)
+        except InvalidInputError as e:
+            raise RequestError(str(e), param=param, code="invalid_value") from None
         if len(text) > limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN:  # refused before tokenising
             raise RequestError(
                 f"{param} is {len(text)} characters, more than {limits.max_prompt_tokens} tokens can hold "
@@ -521,7 +515,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     @app.post("/v1/images/generations")
     async def images_generations(body: ImageGenerationRequest, request: Request):
         """Text to image: ``n`` images with seeds ``seed, seed+1, ...`` (random when no seed)."""
-        p = ready_pipe()
+        p = engine.require_pipe()
         kw = image_kwargs(p, body, p.config.t2i)
         check_prompt(p, body.prompt)
         request.scope["state"]["prompt_log"] = body.prompt
@@ -541,7 +535,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     @app.post("/v1/images/edits")
     async def images_edits(request: Request):
         """Edit one or several uploaded images (multipart ``image``/``image[]`` and ``prompt``)."""
-        p = ready_pipe()
+        p = engine.require_pipe()
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise RequestError(
                 "images/edits takes multipart/form-data (image files and text fields), as OpenAI's API does",
@@ -570,17 +564,15 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             raise _validation_error(list(e.errors())) from None
         if not files:
             raise RequestError("image is required (a multipart file field)", param="image", code="invalid_value")
-        if len(files) > limits.max_images:
-            raise RequestError(f"at most {limits.max_images} images per request", param="image", code="invalid_value")
         for f in files:
             if not isinstance(f, UploadFile):
                 raise RequestError("image must be a file upload, not a text field", param="image", code="invalid_value")
+        kw = image_kwargs(p, body, p.config.edit)  # settings checked before any image is decoded
         datas = [await f.read() for f in files]
         images = [
             await run_in_threadpool(decode_image, d, limits, "image" if len(datas) == 1 else f"image[{i}]")
             for i, d in enumerate(datas)
         ]
-        kw = image_kwargs(p, body, p.config.edit)
         from openbagel.pipeline import style_instruction
 
         try:
@@ -611,7 +603,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         """Answers about images and text; ``stream`` for server-sent events, ``reasoning`` for thinking."""
-        p = ready_pipe()
+        p = engine.require_pipe()
         check_model(body.model)
         think = body.think
         turns, system, texts = await _read_messages(body, limits)
@@ -747,13 +739,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
         from openbagel.ui import ModelHandle, build_ui
 
-        def engine_pipe():
-            engine.wait_loaded()
-            if engine.pipe is None:
-                raise RuntimeError(engine.load_error or "the model did not load")
-            return engine.pipe
-
-        blocks = build_ui(settings.model, handle=ModelHandle(engine_pipe))
+        blocks = build_ui(settings.model, handle=ModelHandle(engine.model))  # the server's model, loaded once
         key = settings.api_key
         # with an API key, the UI asks for it as the password of a sign-in page (any user name)
         auth = (lambda user, password: hmac.compare_digest(password.encode(), key.encode())) if key else None

@@ -73,24 +73,60 @@ class Job:
         self.check()
 
 
+class ModelLoad:
+    """Builds the model once, in a background thread started by the first
+    :meth:`start`; a failure is kept in ``error`` (``"Type: message"``), not raised.
+
+    Args:
+        load: builds the :class:`~openbagel.pipeline.BagelPipeline`.
+    """
+
+    def __init__(self, load: Callable[[], object]):
+        self.load = load
+        self.value = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._run, name="openbagel-load", daemon=True).start()
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.value = self.load()
+            log.info("model loaded in %.1f s; ready", time.perf_counter() - start)
+        except Exception as e:  # reported to whoever asks for the model
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("model failed to load: %s", self.error)
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (either way); False on timeout."""
+        return self._done.wait(timeout)
+
+
 class Engine:
     """Runs jobs on one pipeline, ``max_concurrency`` at a time, at most
     ``max_queue`` more waiting.
 
     Args:
-        load: builds the pipeline; called once in a background thread by :meth:`start`.
+        load: builds the pipeline; called once in a background thread by :meth:`start` (:class:`ModelLoad`).
         max_queue: admitted requests that may wait for a slot.
         max_concurrency: jobs running at once (threads).
         metrics: where queue depth and in-flight counts are reported.
     """
 
     def __init__(self, load: Callable[[], object], max_queue: int, max_concurrency: int, metrics: Metrics):
-        self._load = load
+        self.model = ModelLoad(load)
         self.max_queue, self.max_concurrency = max_queue, max_concurrency
         self.metrics = metrics
-        self.pipe = None
-        self.load_error: str | None = None
-        self._loaded = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openbagel-engine")
         self._slots: asyncio.Semaphore | None = None
         self.waiting = 0
@@ -101,26 +137,33 @@ class Engine:
 
     def start(self) -> None:
         """Load the model in a background thread (``/ready`` turns 200 when done)."""
-        threading.Thread(target=self._load_now, name="openbagel-load", daemon=True).start()
-
-    def _load_now(self) -> None:
-        start = time.perf_counter()
-        try:
-            self.pipe = self._load()
-            log.info("model loaded in %.1f s; ready", time.perf_counter() - start)
-        except Exception as e:  # reported by /ready and every request
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("model failed to load: %s", self.load_error)
-        finally:
-            self._loaded.set()
+        self.model.start()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Block until loading finished (either way); False on timeout."""
-        return self._loaded.wait(timeout)
+        return self.model.wait(timeout)
+
+    @property
+    def pipe(self):
+        return self.model.value
+
+    @property
+    def load_error(self) -> str | None:
+        return self.model.error
 
     @property
     def ready(self) -> bool:
         return self.pipe is not None
+
+    def require_pipe(self):
+        """The loaded pipeline.
+
+        Raises:
+            NotReady: the model is still loading, or failed to load.
+        """
+        if self.pipe is None:
+            raise NotReady(self.load_error or "the model is still loading")
+        return self.pipe
 
     # -- admission and running -------------------------------------------
 
@@ -131,8 +174,7 @@ class Engine:
             NotReady: the model is not loaded.
             QueueFull: ``max_queue`` requests already wait and every slot is busy.
         """
-        if self.pipe is None:
-            raise NotReady(self.load_error or "the model is still loading")
+        self.require_pipe()
         if self.waiting + self.running >= self.max_queue + self.max_concurrency:
             raise QueueFull()
         self.waiting += 1
