@@ -9,6 +9,8 @@ Public API::
 from openbagel.config import BagelConfig, config_from_checkpoint, preset
 from openbagel.errors import CheckpointError, InvalidInputError, NumericalError, OpenBagelError
 from openbagel.inference.sampling import ImageSampling, TextSampling
+from openbagel.inference.step_cache import StepCacheSettings
+from openbagel.kv_cache import CacheBudgetError
 from openbagel.pipeline import BagelPipeline, Chat, ImageResult, TextResult
 
 __version__ = "0.1.0"
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BagelConfig",
     "BagelPipeline",
+    "CacheBudgetError",
     "Chat",
     "CheckpointError",
     "ImageResult",
@@ -23,6 +26,7 @@ __all__ = [
     "InvalidInputError",
     "NumericalError",
     "OpenBagelError",
+    "StepCacheSettings",
     "TextResult",
     "TextSampling",
     "config_from_checkpoint",

@@ -81,6 +81,28 @@ TempOpt = typer.Option(
     None, "--temperature", help="Sampling temperature with --do-sample (default: the model's; 0.3 for 7B-MoT)."
 )
 TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample, in (0, 1] (default 1.0).")
+CacheOpt = typer.Option(
+    False,
+    "--cache",
+    help="Step caching (TaylorSeer-style, per guidance branch): run the model only every --cache-interval steps "
+    "and extrapolate the velocities in between. Faster, approximate; off by default.",
+)
+CacheIntervalOpt = typer.Option(2, "--cache-interval", help="With --cache: run the model every N steps.")
+CacheOrderOpt = typer.Option(
+    1, "--cache-order", help="With --cache: 0 reuses the last velocity, 1 extrapolates linearly, 2 quadratically."
+)
+CacheWarmupOpt = typer.Option(2, "--cache-warmup", help="With --cache: first steps that always run the model.")
+CompileOpt = typer.Option(
+    False,
+    "--compile",
+    help="Decode text with static shapes through torch.compile (the first reply compiles; CUDA graphs on a GPU).",
+)
+KVBudgetOpt = typer.Option(
+    None,
+    "--kv-cache-budget",
+    help="Most KV-cache memory a conversation may use, e.g. 2GB or 512MiB; a larger context is refused "
+    "with a clear error instead of running out of memory (default: no limit).",
+)
 
 
 def _fail(message: str) -> None:
@@ -141,6 +163,12 @@ def check_output(path: Path) -> None:
         raise InvalidInputError(f"output folder {str(parent)!r} is not writable")
 
 
+def _check_json_output(path: Path) -> None:
+    parent = path.parent
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"cannot write --json {str(path)!r}: give a file in a writable folder")
+
+
 def save_image(image: Image.Image, path: Path) -> None:
     """Write atomically (see :func:`openbagel.fileio.write_atomically`).
 
@@ -160,10 +188,19 @@ def _write_result(result, output: Path) -> None:
     typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
 
 
-def _load(model: str | None, device: str, dtype: str, adapter: Path | None = None):
+def _load(model: str | None, device: str, dtype: str, adapter: Path | None = None, kv_budget: str | None = None):
+    from openbagel.kv_cache import parse_bytes
     from openbagel.pipeline import BagelPipeline
 
-    return BagelPipeline.from_pretrained(model, dtype=dtype, device=device, adapter=adapter)
+    budget = None if kv_budget is None else parse_bytes(kv_budget, "--kv-cache-budget")
+    return BagelPipeline.from_pretrained(model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget)
+
+
+def _step_cache(cache: bool, interval: int, order: int, warmup: int):
+    """The step-cache settings of the --cache options (None without --cache)."""
+    from openbagel.inference.step_cache import StepCacheSettings
+
+    return StepCacheSettings(interval, order, warmup) if cache else None
 
 
 def _config(model: str | None, device: str, dtype: str):
@@ -261,6 +298,11 @@ def generate(
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    cache: bool = CacheOpt,
+    cache_interval: int = CacheIntervalOpt,
+    cache_order: int = CacheOrderOpt,
+    cache_warmup: int = CacheWarmupOpt,
+    kv_cache_budget: Optional[str] = KVBudgetOpt,
 ) -> None:
     """Generate an image from a text prompt."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -268,10 +310,18 @@ def generate(
 
     def body():
         check_output(output)
+        _step_cache(cache, cache_interval, cache_order, cache_warmup)
         _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
-        pipe = _load(model, device, dtype, adapter)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
         result = pipe.text_to_image(
-            prompt, height=height, width=width, seed=seed, think=think, progress=True, **sampling
+            prompt,
+            height=height,
+            width=width,
+            seed=seed,
+            think=think,
+            progress=True,
+            **sampling,
+            step_cache=_step_cache(cache, cache_interval, cache_order, cache_warmup),
         )
         _write_result(result, output)
 
@@ -302,6 +352,11 @@ def edit(
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    cache: bool = CacheOpt,
+    cache_interval: int = CacheIntervalOpt,
+    cache_order: int = CacheOrderOpt,
+    cache_warmup: int = CacheWarmupOpt,
+    kv_cache_budget: Optional[str] = KVBudgetOpt,
 ) -> None:
     """Edit or restyle an image following an instruction."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -312,12 +367,21 @@ def edit(
         from openbagel.pipeline import style_instruction
 
         check_output(output)
+        _step_cache(cache, cache_interval, cache_order, cache_warmup)
         prompt = style_instruction(instruction, style)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
-        pipe = _load(model, device, dtype, adapter)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
         result = pipe.edit(
-            source, prompt, height=height, width=width, seed=seed, think=think, progress=True, **sampling
+            source,
+            prompt,
+            height=height,
+            width=width,
+            seed=seed,
+            think=think,
+            progress=True,
+            **sampling,
+            step_cache=_step_cache(cache, cache_interval, cache_order, cache_warmup),
         )
         _write_result(result, output)
 
@@ -357,6 +421,11 @@ def frames(
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    cache: bool = CacheOpt,
+    cache_interval: int = CacheIntervalOpt,
+    cache_order: int = CacheOrderOpt,
+    cache_warmup: int = CacheWarmupOpt,
+    kv_cache_budget: Optional[str] = KVBudgetOpt,
 ) -> None:
     """Predict the next frames of a clip, one at a time (each predicted frame joins the context)."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -371,11 +440,18 @@ def frames(
         if fps is not None and not 0 < fps <= 240:
             raise InvalidInputError(f"--fps must be in (0, 240], got {fps}")
         check_clip_output(output)
+        _step_cache(cache, cache_interval, cache_order, cache_warmup)
         source = read_clip(clip)
         _check_image_settings(model, device, dtype, "edit", None, None, seed, sampling)
-        pipe = _load(model, device, dtype, adapter)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
         result = pipe.predict_frames(
-            source.frames, num_frames, context_frames=context_frames, seed=seed, progress=True, **sampling
+            source.frames,
+            num_frames,
+            context_frames=context_frames,
+            seed=seed,
+            progress=True,
+            **sampling,
+            step_cache=_step_cache(cache, cache_interval, cache_order, cache_warmup),
         )
         frames_out = result.images
         if include_input:  # at the predicted frames' size
@@ -401,6 +477,8 @@ def understand(
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    kv_cache_budget: Optional[str] = KVBudgetOpt,
+    compile_: bool = CompileOpt,
 ) -> None:
     """Answer a question about an image; the answer streams to stdout.
 
@@ -415,7 +493,9 @@ def understand(
         source = load_image(image)
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
-        pipe = _load(model, device, dtype, adapter)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        if compile_:
+            pipe.compile(mode="reduce-overhead" if device.startswith("cuda") else None)
         kwargs = dict(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed
         )
@@ -469,6 +549,8 @@ def chat(
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    kv_cache_budget: Optional[str] = KVBudgetOpt,
+    compile_: bool = CompileOpt,
 ) -> None:
     """Interactive multi-turn chat; images go in with /image PATH and come out with /generate."""
     height, width = _parse_size(size)
@@ -484,7 +566,9 @@ def chat(
             num_timesteps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
         )  # fmt: skip
         generator = make_generator(seed)
-        pipe = _load(model, device, dtype, adapter)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        if compile_:
+            pipe.compile(mode="reduce-overhead" if device.startswith("cuda") else None)
         conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
         typer.echo("openbagel chat; /help for commands", err=True)
         count = 0
@@ -687,6 +771,11 @@ def eval_shapes(
     items: int = typer.Option(20, "--items", help=f"Items per task (1 to {MAX_EVAL_ITEMS})."),
     seed: int = typer.Option(1234, "--seed", help="Seed of the item set (the default is the reported benchmark)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
+    steps: Optional[int] = StepsOpt,
+    cache: bool = CacheOpt,
+    cache_interval: int = CacheIntervalOpt,
+    cache_order: int = CacheOrderOpt,
+    cache_warmup: int = CacheWarmupOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -704,10 +793,14 @@ def eval_shapes(
         if not 1 <= items <= MAX_EVAL_ITEMS:
             raise InvalidInputError(f"--items must be between 1 and {MAX_EVAL_ITEMS}, got {items}")
         if json_path is not None:
-            parent = json_path.parent
-            if json_path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise InvalidInputError(f"cannot write --json {str(json_path)!r}: give a file in a writable folder")
-        predictor = GroundTruth() if ground_truth else ModelPredictor(_load(model, device, dtype))
+            _check_json_output(json_path)
+        step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
+        if steps is not None and steps < 2:
+            raise InvalidInputError(f"--steps must be at least 2 (schedule points), got {steps}")
+        if ground_truth:
+            predictor = GroundTruth()
+        else:
+            predictor = ModelPredictor(_load(model, device, dtype), num_timesteps=steps, step_cache=step_cache)
         item_list = make_items(items, seed)
         with tqdm(total=len(item_list), desc="shapes eval", unit="item", disable=ground_truth) as bar:
             scores = evaluate(predictor, item_list, progress=bar.update)
@@ -720,6 +813,8 @@ def eval_shapes(
                 "model": "ground-truth" if ground_truth else str(model or "embedded"),
                 "items_per_task": items,
                 "seed": seed,
+                "steps": steps,
+                "step_cache": None if step_cache is None else vars(step_cache),
             }
             text = json.dumps({**record, "scores": scores}, indent=2) + "\n"
             write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
@@ -758,6 +853,59 @@ def data_shapes(
 
 def main() -> None:  # pragma: no cover - entry point
     app()
+
+
+@app.command()
+def bench(
+    config: str = typer.Option(
+        "small",
+        "--config",
+        help="Random-weight config: tiny (the golden one), small, or 7b-mot (accounting only on a CPU).",
+    ),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A checkpoint folder instead of a random config."),
+    task: list[str] = typer.Option(
+        ["t2i"], "--task", help="t2i, edit, understand, or all; repeat the option for several."
+    ),
+    size: int = typer.Option(256, "--size", help="Image side in pixels (generated image; edit input)."),
+    steps: int = typer.Option(
+        10, "--steps", help="Points of the denoising schedule; the model runs steps - 1 times (BAGEL's meaning)."
+    ),
+    runs: int = typer.Option(3, "--runs", help="Timed runs per mode after one warm-up; the median is reported."),
+    batch: int = typer.Option(1, "--batch", help="Images generated together (several seeds of one prompt)."),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded in the understanding task."),
+    long_context: int = typer.Option(
+        9000, "--long-context", help="Cached tokens before the long-context decoding measurement."
+    ),
+    cache: bool = CacheOpt,
+    cache_interval: int = CacheIntervalOpt,
+    cache_order: int = CacheOrderOpt,
+    cache_warmup: int = CacheWarmupOpt,
+    compile_: bool = CompileOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the records to this JSON file."),
+) -> None:
+    """Time each phase against the plain path (optimisations off) in the same run; see benchmarks/RESULTS.md."""
+
+    def body():
+        import torch
+
+        from openbagel.bench import TASKS, run_bench
+
+        if threads is not None:
+            if threads < 1:
+                raise InvalidInputError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        if json_out is not None:
+            _check_json_output(json_out)
+        tasks = TASKS if "all" in task else tuple(dict.fromkeys(task))
+        run_bench(
+            config, tasks, size, steps, runs, batch, 32, decode_tokens, long_context, dtype, device, model,
+            _step_cache(cache, cache_interval, cache_order, cache_warmup), json_out, compile_, log=typer.echo,
+        )  # fmt: skip
+
+    _run(body)
 
 
 if __name__ == "__main__":  # pragma: no cover

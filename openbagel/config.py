@@ -347,6 +347,19 @@ PRESETS: dict[str, BagelConfig] = {
         ),
         vit=ViTConfig(hidden_size=1152, num_layers=26, num_heads=16, intermediate_size=4304),
     ),
+    # The benchmarks' middle size (openbagel bench --config small): a small
+    # decoder with the real vocabulary, a small ViT, the full FLUX autoencoder.
+    "small": BagelConfig(
+        llm=LLMConfig(
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=4,
+            intermediate_size=1408,
+            vocab_size=152064,
+        ),
+        vit=ViTConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536),
+    ),
     # The golden tiny-random checkpoint of shared/golden (its transforms are
     # the small ones the golden cases use).
     "tiny-golden": BagelConfig(
@@ -424,7 +437,7 @@ PRESETS: dict[str, BagelConfig] = {
 
 
 def preset(name: str) -> BagelConfig:
-    """Return a named preset (``"7b-mot"``, ``"tiny-golden"``, ``"shapes"``).
+    """Return a named preset (``"7b-mot"``, ``"small"``, ``"tiny-golden"``, ``"shapes"``).
 
     Raises:
         KeyError: unknown name; the message lists the known ones.

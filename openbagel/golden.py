@@ -103,10 +103,15 @@ def _transform(d: dict) -> ImageTransformConfig:
 
 
 class GoldenRunner:
-    """Loads a golden folder's checkpoint once and runs its cases."""
+    """Loads a golden folder's checkpoint once and runs its cases.
 
-    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
+    ``plain=True`` runs them through the engine's plain path (every guidance
+    branch its own pass over a copied context; a segment per decoded token).
+    """
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, plain: bool = False):
         self.folder = Path(folder)
+        self.plain = plain
         self.cases = json.loads((self.folder / "cases.json").read_text())
         common = self.cases.get("_common", {})
         ckpt = str(common.get("checkpoint", "tiny-random")).split()[0].rstrip("/")
@@ -149,10 +154,11 @@ class GoldenRunner:
         ids = list(
             decode_tokens(
                 self.model,
-                session.full.fork(),
+                session.full.fork() if self.plain else session.decoding_context(len(ref_ids)),
                 self.special,
                 TextSampling(max_new_tokens=len(ref_ids)),
                 on_logits=logits.append,
+                plain=self.plain,
             )
         )
         c.equal("generated", [self.special.bos, *ids][: len(ref_ids)], ref_ids)
@@ -208,7 +214,14 @@ class GoldenRunner:
         down = self.config.vae.downsample
         steps: list[FlowStep] = []
         final = generate_latents(
-            self.model, session, lh * down, lw * down, params, noise=data["init_noise"], on_step=steps.append
+            self.model,
+            session,
+            lh * down,
+            lw * down,
+            params,
+            noise=data["init_noise"],
+            on_step=steps.append,
+            plain=self.plain,
         )
         c.tensor("timesteps", torch.tensor([s.t for s in steps]), data["timesteps"])
         if "steps" in case:  # which steps ran guidance

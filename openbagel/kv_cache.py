@@ -5,13 +5,93 @@ values of its tokens right after the cached ones (:meth:`KVCache.update`) and
 attends over the returned views; whether those tokens stay in the cache is
 decided afterwards by :meth:`KVCache.commit`. A query that must not be kept (an
 image-generation step) simply does not commit: its entries are overwritten by
-the next write. Nothing is concatenated or deep-copied.
+the next write. Nothing is concatenated; growing past the capacity reallocates
+(doubling, so amortised O(1) per token) and a :class:`CacheBudget` can refuse it.
+
+A context that only extends this one for a while (text decoding) takes a
+:meth:`KVCache.share` of it instead of a copy; guidance branches that are a
+prefix of a context read its storage directly (see
+:mod:`openbagel.inference.denoise`).
 """
 
 from __future__ import annotations
 
+import re
+import weakref
+
 import torch
 from torch import Tensor
+
+from openbagel.errors import InvalidInputError
+from openbagel.model.attention import AttnMask, attention
+
+
+class CacheBudgetError(InvalidInputError):
+    """A context would need more KV-cache memory than its budget allows."""
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'`` (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str, name: str = "size") -> int:
+    """``'2GB'`` -> ``2_000_000_000``; ``'512MiB'``, ``'1.5 GiB'``, ``'1000'`` (bytes) also work.
+
+    Raises:
+        InvalidInputError: not a positive size with a known unit (the option ``name`` in the message).
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise InvalidInputError(f"{name} must be a size such as 2GB, 512MiB or 1000000 (bytes), got {text!r}")
+    return max(1, int(float(m.group(1)) * _UNITS[unit]))
+
+
+class CacheBudget:
+    """A limit on the KV-cache bytes allocated by the caches that share it (one conversation).
+
+    Args:
+        max_bytes: the limit; ``None`` for no limit.
+    Attributes:
+        allocated: bytes currently allocated by the caches of this budget.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise InvalidInputError(f"the KV-cache budget must be a positive number of bytes, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.allocated = 0
+
+    def check(self, old_bytes: int, new_bytes: int, tokens: int, bytes_per_token: int) -> None:
+        """Whether a cache may grow from ``old_bytes`` (freed afterwards) to ``new_bytes`` (for ``tokens`` tokens).
+
+        Raises:
+            CacheBudgetError: the budget would be exceeded.
+        """
+        after = self.allocated - old_bytes + new_bytes
+        if self.max_bytes is not None and after > self.max_bytes:
+            raise CacheBudgetError(
+                f"this context needs {tokens} tokens of KV cache ({format_bytes(tokens * bytes_per_token)}), "
+                f"{format_bytes(after)} with the conversation's other caches, over the KV-cache budget of "
+                f"{format_bytes(self.max_bytes)}; raise the budget (--kv-cache-budget), use smaller images "
+                "or shorter texts, or start a new conversation"
+            )
+
+    def track(self, storage: Tensor, nbytes: int) -> None:
+        """Count ``nbytes`` until ``storage`` is garbage collected."""
+        self.allocated += nbytes
+        weakref.finalize(storage, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.allocated -= nbytes
 
 
 class KVCache:
@@ -21,6 +101,9 @@ class KVCache:
         num_layers, num_kv_heads, head_dim: the decoder's shape.
         capacity: tokens preallocated; the cache grows (doubling) when needed.
         dtype, device: of the stored tensors (those of the model's activations).
+        budget: shared limit on allocated bytes (default: unlimited).
+    Raises:
+        CacheBudgetError: the initial capacity exceeds the budget.
     """
 
     def __init__(
@@ -31,27 +114,67 @@ class KVCache:
         capacity: int = 256,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        budget: CacheBudget | None = None,
     ):
-        shape = (num_layers, max(capacity, 1), num_kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.budget = budget or CacheBudget()
+        self.k = self.v = torch.empty(0, dtype=dtype, device=device)
         self.length = 0
+        self._parent: KVCache | None = None  # set by share()
+        self._parent_length = 0
+        self._allocate((num_layers, max(capacity, 1), num_kv_heads, head_dim), copy=0)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def bytes_per_token(self) -> int:
+        """Key plus value bytes of one token over all layers."""
+        _, _, h, d = self.k.shape
+        return 2 * self.k.shape[0] * h * d * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return self.bytes_per_token * self.capacity
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes holding the ``length`` cached tokens."""
+        return self.bytes_per_token * self.length
+
+    def _allocate(self, shape: tuple[int, ...], copy: int) -> None:
+        # a shared child's storage belongs to its parent and is not freed by growing
+        old_bytes = self.nbytes if self.k.dim() == 4 and self._parent is None else 0
+        layers, cap, h, d = shape
+        per_token = 2 * layers * h * d * self.k.element_size()
+        self.budget.check(old_bytes, per_token * cap, cap, per_token)
+        k = self.k.new_empty(shape)
+        v = self.v.new_empty(shape)
+        self.budget.track(k, per_token * cap)
+        if copy:
+            k[:, :copy] = self.k[:, :copy]
+            v[:, :copy] = self.v[:, :copy]
+        self.k, self.v = k, v
+        self._parent = None  # own storage from now on
+
     def reserve(self, n: int) -> None:
-        """Make room for ``n`` more tokens (called once per forward, before any layer writes)."""
+        """Make room for ``n`` more tokens (called once per forward, before any layer writes).
+
+        Raises:
+            CacheBudgetError: the budget cannot hold ``length + n`` tokens; nothing changed.
+        """
+        self._check_parent()
         need = self.length + n
         if need <= self.capacity:
             return
         new_cap = max(need, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty((old.shape[0], new_cap, *old.shape[2:]))
-            new[:, : self.length] = old[:, : self.length]
-            setattr(self, name, new)
+        limit = self.budget.max_bytes
+        if limit is not None:  # doubling must not refuse what fits exactly
+            freed = self.nbytes if self._parent is None else 0
+            room = (limit - self.budget.allocated + freed) // self.bytes_per_token
+            new_cap = max(need, min(new_cap, room))
+        self._allocate((self.k.shape[0], new_cap, *self.k.shape[2:]), copy=self.length)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` ``[n, Hkv, D]`` after the cached tokens of ``layer``.
@@ -65,6 +188,11 @@ class KVCache:
         self.v[layer, self.length : end] = v
         return self.k[layer, :end], self.v[layer, :end]
 
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
+        """Attention of ``q`` ``[n, H, D]`` over the cached tokens plus the new ``k``, ``v`` (written, not committed)."""
+        keys, values = self.update(layer, k, v)
+        return attention(q, keys, values, mask)
+
     def commit(self, n: int) -> None:
         """Keep the ``n`` tokens written by the last forward."""
         self.length += n
@@ -72,18 +200,40 @@ class KVCache:
     def fork(self, length: int | None = None) -> KVCache:
         """An independent copy of the first ``length`` cached tokens (default: all).
 
-        One copy of the filled prefix; the new cache has the same capacity.
+        One copy of the filled prefix; the new cache has the same capacity and budget.
         """
         length = self.length if length is None else length
         if not 0 <= length <= self.length:
             raise ValueError(f"fork length {length} outside 0..{self.length}")
         new = KVCache.__new__(KVCache)
-        new.k = torch.empty_like(self.k)
-        new.v = torch.empty_like(self.v)
+        new.budget, new.length, new._parent, new._parent_length = self.budget, length, None, 0
+        new.k = new.v = self.k.new_empty(0)
+        new._allocate(tuple(self.k.shape), copy=0)
         new.k[:, :length] = self.k[:, :length]
         new.v[:, :length] = self.v[:, :length]
-        new.length = length
         return new
+
+    def share(self) -> KVCache:
+        """A cache that extends this one without copying it: same storage, its own length.
+
+        The child writes after this cache's tokens, so this cache must not grow
+        while the child is in use (a child that needs more room than the
+        capacity moves to storage of its own). Reserve room on this cache first.
+
+        Raises (later, from the child):
+            RuntimeError: this cache was changed while the child was in use.
+        """
+        new = KVCache.__new__(KVCache)
+        new.budget, new.k, new.v, new.length = self.budget, self.k, self.v, self.length
+        new._parent, new._parent_length = self, self.length
+        return new
+
+    def _check_parent(self) -> None:
+        p = self._parent
+        if p is not None and (p.length != self._parent_length or p.k is not self.k):
+            raise RuntimeError(
+                "the conversation changed while a reply was being decoded from it; finish (or close) the reply first"
+            )
 
     def keys(self, layer: int) -> Tensor:
         """Cached keys of ``layer``, ``[length, Hkv, D]`` (post-rotary)."""

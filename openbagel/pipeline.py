@@ -23,9 +23,12 @@ from openbagel.checkpoint import load_model, load_vae, resolve_checkpoint_dir
 from openbagel.config import BagelConfig, ImageTaskDefaults, config_from_checkpoint
 from openbagel.errors import InvalidInputError
 from openbagel.images import load_image, resize, resize_size, to_pil, to_tensor
-from openbagel.inference.generate import FlowStep, decode_tokens, generate_latents
+from openbagel.inference.generate import FlowStep, decode_tokens, draw_noise, generate_latents_batch
 from openbagel.inference.sampling import ImageSampling, TextSampling
-from openbagel.inference.session import Session
+from openbagel.inference.session import Context, Session
+from openbagel.inference.static_decode import StaticDecoder
+from openbagel.inference.step_cache import StepCacheSettings
+from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE
 from openbagel.packing import flattened_position_ids, patchify, unpatchify
@@ -124,6 +127,44 @@ def _check_generator(generator):
     return generator
 
 
+def _prompt_list(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidInputError("prompt must be a string or a non-empty list of strings")
+    return [check_text("prompt", p) for p in prompts]
+
+
+def _noises(model: Bagel, s: ImageSettings, seed, total: int) -> list[torch.Tensor]:
+    """One initial noise per image: ``seed`` int -> seeds seed, seed+1, ...; a list -> one seed each;
+    else ``total`` draws from the settings' generator (so a batch equals consecutive single runs)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != total:
+            raise InvalidInputError(f"{len(seed)} seeds given for {total} images; give one seed per image or one seed")
+        seeds = list(seed)
+    elif seed is not None and total > 1:
+        seeds = [seed + k for k in range(total)]
+    else:
+        return [draw_noise(model, s.height, s.width, s.generator) for _ in range(total)]
+    return [draw_noise(model, s.height, s.width, make_generator(sd)) for sd in seeds]
+
+
+def _single_seed(seed, generator):
+    """The seed for :func:`image_settings` (None when ``seed`` is a list, used by :func:`_noises`)."""
+    if isinstance(seed, (list, tuple)):
+        if generator is not None:
+            raise InvalidInputError("pass seed or generator, not both")
+        for sd in seed:
+            make_generator(sd)  # checks each
+        return None
+    return seed
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise InvalidInputError(f"{name} must be a whole number from 1 to 64, got {value!r}")
+    return value
+
+
 def _check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise InvalidInputError(f"{name} must be True or False, got {value!r}")
@@ -164,10 +205,15 @@ def check_text(name: str, value) -> str:
 
 @dataclass
 class ImageResult:
-    """Generated images and, with ``think=True``, the model's planning text."""
+    """Generated images and, with ``think=True``, the model's planning text.
+
+    ``reasonings`` holds one plan per prompt when several prompts were given
+    (``reasoning`` is the first).
+    """
 
     images: list[Image.Image]
     reasoning: str | None = None
+    reasonings: list[str | None] = field(default_factory=list)
 
     @property
     def image(self) -> Image.Image:
@@ -284,8 +330,26 @@ class BagelPipeline:
     and run under ``torch.inference_mode``.
     """
 
-    def __init__(self, model: Bagel, vae: BagelVAE, tokenizer: Tokenizer, config: BagelConfig):
+    #: Run every guidance branch as its own pass over copied contexts and
+    #: build a segment per decoded token (the reference's way): the baseline
+    #: ``openbagel bench`` compares against. Same numbers, slower.
+    plain: bool = False
+
+    #: Set by :meth:`compile`: text decoding with static shapes.
+    decoder: StaticDecoder | None = None
+
+    def __init__(
+        self,
+        model: Bagel,
+        vae: BagelVAE,
+        tokenizer: Tokenizer,
+        config: BagelConfig,
+        max_cache_bytes: int | None = None,
+    ):
+        """``max_cache_bytes``: the KV-cache budget of each conversation (None: unlimited)."""
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
+        CacheBudget(max_cache_bytes)  # checks the value
+        self.max_cache_bytes = max_cache_bytes
         if max(tokenizer.ids.values()) >= config.llm.vocab_size:
             raise InvalidInputError(
                 f"the tokenizer's special ids {tokenizer.ids} exceed the model's vocabulary ({config.llm.vocab_size}); "
@@ -299,6 +363,7 @@ class BagelPipeline:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         adapter: str | Path | None = None,
+        max_cache_bytes: int | None = None,
     ) -> BagelPipeline:
         """Load a checkpoint folder (or a Hugging Face cache snapshot folder), offline.
 
@@ -309,6 +374,8 @@ class BagelPipeline:
             dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
             adapter: a LoRA adapter folder (from ``openbagel train``), merged into the weights.
+            max_cache_bytes: KV-cache budget of each conversation; a context
+                that would need more is refused with ``CacheBudgetError``.
         Raises:
             CheckpointError: missing, corrupt or mismatched files.
             InvalidInputError: bad dtype or unavailable device.
@@ -330,11 +397,20 @@ class BagelPipeline:
                 raise CheckpointError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
             model = load_adapter(model, adapter)
         vae = load_vae(folder, dtype=dt, device=dev, config=config)
-        return cls(model, vae, tokenizer, config)
+        return cls(model, vae, tokenizer, config, max_cache_bytes)
 
     @property
     def device(self) -> torch.device:
         return self.model.vae2llm.weight.device
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> BagelPipeline:
+        """Decode text with static shapes through ``torch.compile`` (optional; the first reply compiles).
+
+        ``mode="reduce-overhead"`` on a GPU replays each decoding step as a
+        CUDA graph. Same tokens as the default decoder. Returns ``self``.
+        """
+        self.decoder = StaticDecoder(self.model, compile=True, backend=backend, mode=mode)
+        return self
 
     def chat(self, system_prompt: str | None = None) -> Chat:
         """A new multi-turn conversation (see :class:`Chat`)."""
@@ -363,8 +439,9 @@ class BagelPipeline:
     @torch.inference_mode()
     def text_to_image(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         *,
+        num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
         num_timesteps: int | None = None,
@@ -374,14 +451,22 @@ class BagelPipeline:
         cfg_interval: tuple[float, float] | None = None,
         cfg_renorm_type: str | None = None,
         cfg_renorm_min: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         think: bool = False,
         max_think_tokens: int | None = None,
         progress: bool = False,
         on_step: Callable[[FlowStep], None] | None = None,
+        step_cache: StepCacheSettings | None = None,
     ) -> ImageResult:
         """Generate an image from text. An empty prompt is unconditional generation.
+
+        Several prompts (a list) and/or ``num_images_per_prompt`` > 1 are
+        generated together, one forward per step for all (prompt-major order
+        in ``images``); image ``k`` uses ``seed + k`` (or ``seed[k]`` from a
+        list, or the ``k``-th draw from ``generator``), so a batch gives the
+        images the single runs would. ``step_cache`` skips model passes
+        (approximate, off by default; see :class:`StepCacheSettings`).
 
         Sizes are pixels, multiples of 16 (defaults from the config's ``t2i``).
         ``num_timesteps`` counts schedule points: the model runs
@@ -395,17 +480,46 @@ class BagelPipeline:
             InvalidInputError: bad size or settings (before any compute).
         """
         s = self.image_settings(
-            self.config.t2i, height, width, seed, generator,
+            self.config.t2i, height, width, _single_seed(seed, generator), generator,
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
-        check_text("prompt", prompt)
+        prompts = _prompt_list(prompt)
+        n = _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_flag("think", think)
-        chat = self.chat(THINK_GENERATE_PROMPT if think else None)
-        chat.add_text(prompt)
-        return chat.generate_image(
-            s, think=think, max_think_tokens=max_think_tokens, progress=progress, on_step=on_step
-        )
+        chats, reasonings = [], []
+        for p in prompts:
+            chat = self.chat(THINK_GENERATE_PROMPT if think else None)
+            chat.add_text(p)
+            reasonings.append(chat._think(max_think_tokens) if think else None)
+            chats.append(chat)
+        images = self._sample(
+            [c.session for c in chats for _ in range(n)], s, _noises(self.model, s, seed, len(prompts) * n),
+            progress, on_step, step_cache,
+        )  # fmt: skip
+        return ImageResult(images, reasonings[0], reasonings)
+
+    def _sample(
+        self,
+        sessions: list[Session],
+        s: ImageSettings,
+        noises: list[torch.Tensor],
+        progress: bool,
+        on_step,
+        step_cache: StepCacheSettings | None,
+    ) -> list[Image.Image]:
+        """Denoise one image per session (a batch), then decode each with the VAE."""
+        if step_cache is not None and not isinstance(step_cache, StepCacheSettings):
+            raise InvalidInputError("step_cache must be a StepCacheSettings (or None)")
+        latents = generate_latents_batch(
+            self.model, sessions, s.height, s.width, s.sampling, noises,
+            on_step=on_step, progress=progress, plain=self.plain, step_cache=step_cache,
+        )  # fmt: skip
+        p, down = self.config.latent_patch_size, self.config.latent_downsample
+        out = []
+        for lat in latents:  # one at a time: the decoder's activations are the largest
+            out.append(to_pil(self.vae.decode(unpatchify(lat, s.height // down, s.width // down, p)[None])[0]))
+        return out
 
     @torch.inference_mode()
     def edit(
@@ -424,12 +538,14 @@ class BagelPipeline:
         cfg_renorm_min: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         think: bool = False,
         max_think_tokens: int | None = None,
         progress: bool = False,
         on_step: Callable[[FlowStep], None] | None = None,
+        num_images_per_prompt: int = 1,
+        step_cache: StepCacheSettings | None = None,
     ) -> ImageResult:
         """Edit (or restyle) an image following an instruction.
 
@@ -437,7 +553,7 @@ class BagelPipeline:
         ``height``/``width`` are given. ``images`` adds more input images after
         the first. Defaults come from the config's ``edit`` settings.
         ``style`` names a preset of :data:`STYLE_PRESETS` instead of a ``prompt``.
-        ``on_step``: as in :meth:`text_to_image`.
+        ``on_step``, ``num_images_per_prompt``, ``seed``, ``step_cache``: as in :meth:`text_to_image`.
 
         Raises:
             InvalidInputError: no image given, unreadable image, bad settings,
@@ -452,7 +568,7 @@ class BagelPipeline:
             raise InvalidInputError("edit needs an input image; pass image=PATH_OR_PIL")
         loaded = [load_image(i) for i in inputs]
         s = self.image_settings(
-            self.config.edit, height, width, seed, generator,
+            self.config.edit, height, width, _single_seed(seed, generator), generator,
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
@@ -461,9 +577,10 @@ class BagelPipeline:
         if not s.height:
             s.width, s.height = sizes[0]
         chat.add_text(prompt)
-        return chat.generate_image(
-            s, think=think, max_think_tokens=max_think_tokens, progress=progress, on_step=on_step
-        )
+        reasoning = chat._think(max_think_tokens) if think else None
+        n = _check_count("num_images_per_prompt", num_images_per_prompt)
+        images = self._sample([chat.session] * n, s, _noises(self.model, s, seed, n), progress, on_step, step_cache)
+        return ImageResult(images, reasoning, [reasoning])
 
     @torch.inference_mode()
     def predict_frames(
@@ -484,6 +601,7 @@ class BagelPipeline:
         generator: torch.Generator | None = None,
         progress: bool = False,
         on_step: Callable[[FlowStep], None] | None = None,
+        step_cache: StepCacheSettings | None = None,
     ) -> ImageResult:
         """Predict the ``num_frames`` frames that follow a clip, one at a time:
         the context is the frames so far, each followed by ``instruction``
@@ -533,7 +651,8 @@ class BagelPipeline:
                 chat.add_text(instruction)
             if not s.height:
                 s.width, s.height = size
-            predicted.append(chat.generate_image(s, on_step=on_step).image)
+            noise = draw_noise(self.model, s.height, s.width, s.generator)
+            predicted.append(self._sample([chat.session], s, [noise], False, on_step, step_cache)[0])
             history.append(predicted[-1])
         return ImageResult(predicted)
 
@@ -613,7 +732,7 @@ class Chat:
 
     def __init__(self, pipe: BagelPipeline, system_prompt: str | None = None):
         self.pipe = pipe
-        self.session = Session(pipe.model, pipe.tokenizer.special)
+        self.session = Session(pipe.model, pipe.tokenizer.special, max_cache_bytes=pipe.max_cache_bytes)
         if system_prompt is not None:
             check_text("system_prompt", system_prompt)
         if system_prompt:
@@ -683,8 +802,9 @@ class Chat:
         def tokens() -> Iterator[int]:
             with torch.inference_mode():
                 for token in decode_tokens(
-                    self.pipe.model, self.session.full.fork(), self.session.special, params, generator
-                ):
+                    self.pipe.model, self._decoding_context(params), self.session.special, params, generator,
+                    plain=self.pipe.plain, static=self.pipe.decoder,
+                ):  # fmt: skip
                     ids.append(token)
                     if on_token is not None:
                         on_token(token)
@@ -708,34 +828,34 @@ class Chat:
         max_think_tokens: int | None = None,
         progress: bool = False,
         on_step: Callable[[FlowStep], None] | None = None,
+        step_cache: StepCacheSettings | None = None,
     ) -> ImageResult:
         """Generate an image from the conversation so far and feed it back into it.
 
-        ``on_step`` is called after every denoising step (see :meth:`BagelPipeline.text_to_image`).
+        ``on_step``, ``step_cache``: see :meth:`BagelPipeline.text_to_image`.
         """
         pipe = self.pipe
         s = settings or pipe.image_settings(pipe.config.t2i)
         if not isinstance(s, ImageSettings):
             raise InvalidInputError("settings must come from pipe.image_settings(...)")
         with self.session.transaction():
-            return self._generate_image(s, think, max_think_tokens, progress, on_step)
+            reasoning = self._think(max_think_tokens) if think else None
+            noise = draw_noise(pipe.model, s.height, s.width, s.generator)
+            image = pipe._sample([self.session], s, [noise], progress, on_step, step_cache)[0]
+            self._add_resized_image(resize(image, pipe.config.vae_transform), vae=True, vit=True)
+        return ImageResult([image], reasoning, [reasoning])
 
-    def _generate_image(
-        self, s: ImageSettings, think: bool, max_think_tokens: int | None, progress: bool, on_step
-    ) -> ImageResult:
+    def _decoding_context(self, params: TextSampling) -> Context:
+        if self.pipe.plain:
+            return self.session.full.fork()  # a copy, as the reference makes
+        return self.session.decoding_context(params.max_new_tokens)
+
+    def _think(self, max_think_tokens: int | None) -> str:
+        """Decode a plan, keep it in the full context only; returns its reasoning text."""
         pipe = self.pipe
-        reasoning = None
-        if think:
-            params = pipe.text_sampling(max_think_tokens, think=True)
-            ids = list(decode_tokens(pipe.model, self.session.full.fork(), self.session.special, params))
-            text = pipe.tokenizer.decode(ids)
-            self.session.add_text(ids, user=False, image_free=False)
-            reasoning = split_reasoning(text)[0] or text.strip()
-        latents = generate_latents(
-            pipe.model, self.session, s.height, s.width, s.sampling, s.generator, on_step=on_step, progress=progress
-        )
-        p, down = pipe.config.latent_patch_size, pipe.config.latent_downsample
-        latent = unpatchify(latents, s.height // down, s.width // down, p)[None]
-        image = to_pil(pipe.vae.decode(latent)[0])
-        self._add_resized_image(resize(image, pipe.config.vae_transform), vae=True, vit=True)
-        return ImageResult([image], reasoning)
+        params = pipe.text_sampling(max_think_tokens, think=True)
+        ctx = self._decoding_context(params)
+        ids = list(decode_tokens(pipe.model, ctx, self.session.special, params, plain=pipe.plain, static=pipe.decoder))
+        text = pipe.tokenizer.decode(ids)
+        self.session.add_text(ids, user=False, image_free=False)
+        return split_reasoning(text)[0] or text.strip()

@@ -20,6 +20,11 @@ def runner32():
 
 
 @pytest.fixture(scope="module")
+def runner32_plain():
+    return GoldenRunner(GOLDEN, torch.float32, plain=True)
+
+
+@pytest.fixture(scope="module")
 def runner16():
     return GoldenRunner(GOLDEN, torch.bfloat16)
 
@@ -32,6 +37,14 @@ def test_all_case_kinds_present():
 @pytest.mark.parametrize("case", CASES)
 def test_float32_matches_reference(runner32, case):
     result = runner32.run(case)
+    assert result.ok, result.failures
+    assert result.max_rel <= 1e-4
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "transforms" not in c and "components" not in c])
+def test_plain_path_matches_reference(runner32_plain, case):
+    # the benchmarks' baseline: separate guidance passes over copied contexts
+    result = runner32_plain.run(case)
     assert result.ok, result.failures
     assert result.max_rel <= 1e-4
 

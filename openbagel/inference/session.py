@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from openbagel.kv_cache import KVCache
+from openbagel.inference.denoise import Branch
+from openbagel.kv_cache import CacheBudget, KVCache
 from openbagel.model.bagel import Bagel, SequenceInput
 from openbagel.packing import SpecialIds, latent_segment, text_segment, vit_segment
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Most text tokens prefilled in one forward.
 PREFILL_CHUNK = 1024
+
+#: The guidance contexts, as :meth:`Session.branch` names them.
+FULL, TEXT_FREE, IMAGE_FREE = "full", "text_free", "image_free"
 
 
 @dataclass
@@ -41,10 +45,10 @@ class Context:
     rope: int = 0
 
     @staticmethod
-    def empty(model: Bagel, capacity: int = 256) -> Context:
+    def empty(model: Bagel, capacity: int = 256, budget: CacheBudget | None = None) -> Context:
         cfg = model.config.llm
         device = model.vae2llm.weight.device
-        return Context(KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, model.dtype, device))
+        return Context(KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, model.dtype, device, budget))
 
     def fork(self, length: int | None = None, rope: int | None = None) -> Context:
         """An independent copy (of the first ``length`` cached tokens, with counter ``rope``)."""
@@ -71,12 +75,21 @@ class Session:
 
     Higher-level code (:class:`openbagel.pipeline.BagelPipeline`) turns text
     and PIL images into what these methods take.
+
+    Args:
+        capacity: tokens preallocated for the full context.
+        max_cache_bytes: KV-cache budget of the whole conversation (every
+            context, fork and query scratch); ``None``: unlimited.
+    Raises:
+        CacheBudgetError: (from any method that adds tokens) the context would
+            exceed the budget; the conversation is left as it was.
     """
 
-    def __init__(self, model: Bagel, special: SpecialIds, capacity: int = 256):
+    def __init__(self, model: Bagel, special: SpecialIds, capacity: int = 256, max_cache_bytes: int | None = None):
         self.model = model
         self.special = special
-        self.full = Context.empty(model, capacity)
+        self.budget = CacheBudget(max_cache_bytes)
+        self.full = Context.empty(model, capacity, self.budget)
         self._image_free: Context | None = None  # None: identical to full
         self._mark = (0, 0)  # text-free context: (kv length, rope) in full
 
@@ -90,8 +103,16 @@ class Session:
         return self.full if self._image_free is None else self._image_free
 
     def _diverge(self) -> None:
+        # The image-free context starts as the full one; from here on they differ.
+        # Its storage begins with a copy of what they share, made once per
+        # conversation: nothing in the usual recipes (the first image comes
+        # first), a system prompt or earlier texts otherwise.
         if self._image_free is None:
-            self._image_free = self.full.fork()
+            if self.full.cache.length:
+                self._image_free = self.full.fork()
+            else:
+                self._image_free = Context.empty(self.model, self.full.cache.capacity, self.budget)
+                self._image_free.rope = self.full.rope
 
     def _text(self, ctx: Context, ids: list[int]) -> None:
         # Long texts are prefilled in chunks: exact for causal attention, and the
@@ -132,9 +153,42 @@ class Session:
         self._mark = (self.full.cache.length, self.full.rope)
 
     def text_free(self) -> Context:
-        """A fork of the text-free context (see the module docstring)."""
+        """A copy of the text-free context (see the module docstring).
+
+        Generation does not copy it (it reads the full context's prefix, see
+        :meth:`branch`); this is for the plain path and for tests.
+        """
         length, rope = self._mark
         return self.full.fork(length, rope)
+
+    def branch(self, kind: str) -> Branch:
+        """Where a guidance context lives, without copying it: ``FULL``, ``TEXT_FREE`` or ``IMAGE_FREE``."""
+        if kind == TEXT_FREE:
+            return Branch(self.full.cache, *self._mark)
+        ctx = self.full if kind == FULL else self.image_free
+        return Branch(ctx.cache, ctx.cache.length, ctx.rope)
+
+    def decoding_context(self, max_new_tokens: int) -> Context:
+        """A context to decode a reply in, extending the full one without copying it.
+
+        Room for ``max_new_tokens`` (plus the end token) is reserved in the
+        full context's storage; the decoded tokens are not part of the
+        conversation (add them with :meth:`add_text`). Do not add to the
+        conversation until decoding is over.
+        """
+        self.full.cache.reserve(max_new_tokens + 1)
+        return Context(self.full.cache.share(), self.full.rope)
+
+    @property
+    def cache_bytes(self) -> int:
+        """KV-cache bytes allocated by this conversation now (all contexts, forks and scratch alive)."""
+        return self.budget.allocated
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held by the full and image-free contexts (once each when they are the same)."""
+        n = self.full.cache.length
+        return n if self._image_free is None else n + self._image_free.cache.length
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -138,14 +138,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     elif mask.kind == "causal":
         if lq == lk:
             is_causal = True
-        else:  # SDPA's is_causal aligns top-left; queries sit at the end here.
+        elif lq > 1:  # SDPA's is_causal aligns top-left; queries sit at the end here.
             attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
-        attn_mask=attn_mask,
-        is_causal=is_causal,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return out.transpose(0, 1)
+        # one query at the end sees every key: no mask (nothing built per decoded token)
+    h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # [1, heads, L, D] lets PyTorch pick its fused kernels, on CPU too; 16-bit
+    # floats on a CPU stay [heads, L, D] (the math path: the fused CPU kernel
+    # loses too much accuracy in bfloat16 to keep greedy tokens)
+    fused = q.is_cuda or q.dtype == torch.float32
+    if fused:
+        q, k, v = q[None], k[None], v[None]
+    if not q.is_cuda and h != hkv and not is_causal:
+        # Fold the query heads that share a KV head into the query length: the
+        # same numbers, and the fused CPU kernel then applies (it has no GQA).
+        g = h // hkv
+        q = q.reshape(*q.shape[:-3], hkv, g * lq, d)
+        attn_mask = None if attn_mask is None else attn_mask.repeat(g, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return out.view(h, lq, d).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=h != hkv)
+    return (out[0] if fused else out).transpose(0, 1)

@@ -9,17 +9,20 @@ Module names follow the published ``ema.safetensors`` one to one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from openbagel.config import BagelConfig
-from openbagel.kv_cache import KVCache
 from openbagel.model.attention import AttnMask
 from openbagel.model.layers import PositionTable, TimestepEmbedder
 from openbagel.model.llm import MoTForCausalLM
 from openbagel.model.vit import SiglipVisionModel
+
+if TYPE_CHECKING:
+    from openbagel.kv_cache import KVCache
 
 
 @dataclass
@@ -41,7 +44,8 @@ class SequenceInput:
         vit_seq_lens: patch count of each packed image (sums to ``n_vit``).
         vit_indexes: ``[n_vit]`` slots of the ViT tokens.
         latents: ``[n_lat, p*p*z]`` latent patches (noisy or clean).
-        latent_timesteps: ``[n_lat]`` flow time of each latent token (0 = clean).
+        latent_timesteps: ``[n_lat]`` flow time of each latent token (0 = clean),
+            or ``[1]``: one time for all of them (embedded once).
         latent_position_ids: ``[n_lat]`` flattened latent position ids.
         latent_indexes: ``[n_lat]`` slots of the latent tokens (all ``>= num_und``).
     """
@@ -145,6 +149,18 @@ class Bagel(nn.Module):
         its keys/values are written after them; call ``cache.commit(L)`` to keep them.
         """
         return self.language_model.model(self.embed(inp), inp.positions, inp.mask, inp.num_und, cache)
+
+    def decode_step(self, ids: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """Hidden states ``[n, D]`` of ``n`` text tokens after the cache (one decoded token: ``n = 1``).
+
+        The decoding fast path: no packed segment is built. With ``n = 1`` the
+        query sees every cached key, so no mask either; the caller commits.
+
+        Args:
+            ids: ``[n]`` int64 token ids. positions: ``[n]`` int64 rotary positions.
+        """
+        mask = AttnMask.full() if ids.shape[0] == 1 else AttnMask.causal()
+        return self.language_model.model(self.embed_text(ids), positions, mask, ids.shape[0], cache)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """``[n, D]`` understanding hidden states -> ``[n, vocab]`` float32 logits."""

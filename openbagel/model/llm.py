@@ -14,12 +14,16 @@ greedy tokens of the golden cases survive bfloat16.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from openbagel.config import LLMConfig
-from openbagel.kv_cache import KVCache
 from openbagel.model.attention import AttnMask, attention
 from openbagel.model.layers import RMSNorm, SwiGLU, apply_rope, by_expert, rope_cos_sin
+
+if TYPE_CHECKING:
+    from openbagel.kv_cache import KVCache
 
 
 class MoTAttention(nn.Module):
@@ -54,9 +58,8 @@ class MoTAttention(nn.Module):
         k = by_expert(k, num_und, self.k_norm, self.k_norm_moe_gen)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, mask).reshape(n, self.num_heads * self.head_dim)
+        out = attention(q, k, v, mask) if cache is None else cache.attend(layer, q, k, v, mask)
+        out = out.reshape(n, self.num_heads * self.head_dim)
         return by_expert(out, num_und, self.o_proj, self.o_proj_moe_gen)
 
 
@@ -109,7 +112,9 @@ class MoTModel(nn.Module):
             num_und: number of understanding tokens at the front of ``x``.
             cache: optional KV cache; the new keys/values are written after the
                 cached ones and attended to, but kept only if the caller then
-                calls ``cache.commit(L)``.
+                calls ``cache.commit(L)``. Anything with ``reserve(n)`` and
+                ``attend(layer, q, k, v, mask)`` serves (a batched guidance
+                query, :class:`~openbagel.inference.denoise.BatchedQuery`).
         Returns:
             ``[L, D]`` final hidden states, after each expert's final norm, in the weights' dtype.
         """

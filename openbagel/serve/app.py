@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openbagel.errors import InvalidInputError, NumericalError
-from openbagel.pipeline import check_text
+from openbagel.pipeline import ImageResult, check_text
 from openbagel.serve.engine import Cancelled, Engine, Job, NotReady, QueueFull
 from openbagel.serve.inputs import (
     ReasoningSplitter,
@@ -523,10 +523,14 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         engine.admit()
 
         def work(job: Job):
-            out = []
-            for s in used:
-                out.append(p.text_to_image(body.prompt, seed=s, think=body.think, on_step=job.on_step, **kw))
-                metrics.images.inc()
+            if body.think:  # each image plans on its own
+                out = [p.text_to_image(body.prompt, seed=s, think=True, on_step=job.on_step, **kw) for s in used]
+            else:  # one batch: every image in each forward
+                batch = p.text_to_image(
+                    body.prompt, num_images_per_prompt=len(used), seed=used, on_step=job.on_step, **kw
+                )
+                out = [ImageResult([image]) for image in batch.images]
+            metrics.images.inc(len(out))
             return out
 
         results = await engine.run(work, Job(metrics), request.is_disconnected)
@@ -587,14 +591,18 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         engine.admit()
 
         def work(job: Job):
-            out = []
-            for s in used:
-                out.append(
-                    p.edit(
-                        images[0], instruction, images=images[1:], seed=s, think=body.think, on_step=job.on_step, **kw
-                    )
-                )
-                metrics.images.inc()
+            if body.think:  # each image plans on its own
+                out = [
+                    p.edit(images[0], instruction, images=images[1:], seed=s, think=True, on_step=job.on_step, **kw)
+                    for s in used
+                ]
+            else:  # one batch: every image in each forward
+                batch = p.edit(
+                    images[0], instruction, images=images[1:], num_images_per_prompt=len(used), seed=used,
+                    on_step=job.on_step, **kw,
+                )  # fmt: skip
+                out = [ImageResult([image]) for image in batch.images]
+            metrics.images.inc(len(out))
             return out
 
         results = await engine.run(work, Job(metrics), request.is_disconnected)

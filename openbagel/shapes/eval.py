@@ -358,30 +358,39 @@ class GroundTruth(Predictor):
 
 class ModelPredictor(Predictor):
     """A :class:`~openbagel.pipeline.BagelPipeline` answering the items (greedy
-    text, seeded images; next frame: the frames as a chain of "next frame" turns)."""
+    text, seeded images; next frame: the frames as a chain of "next frame" turns).
 
-    def __init__(self, pipe, seed: int = 0):
+    ``num_timesteps`` (None: the model's defaults) and ``step_cache`` apply to every image.
+    """
+
+    def __init__(self, pipe, seed: int = 0, num_timesteps: int | None = None, step_cache=None):
         self.pipe, self.seed = pipe, seed
+        self.steps, self.step_cache = num_timesteps, step_cache
+
+    def _image_kw(self) -> dict:
+        return {"seed": self.seed, "num_timesteps": self.steps, "step_cache": self.step_cache}
 
     def text_to_image(self, item):
-        return self.pipe.text_to_image(item.prompt, seed=self.seed).image
+        return self.pipe.text_to_image(item.prompt, **self._image_kw()).image
 
     def answer(self, item):
         return self.pipe.understand(item.images[0], item.prompt).text
 
     def edit(self, item):
-        return self.pipe.edit(item.images[0], item.prompt, seed=self.seed).image
+        return self.pipe.edit(item.images[0], item.prompt, **self._image_kw()).image
 
     def next_frame(self, item):
         chat = self.pipe.chat()
         for frame in item.images:
             w, h = chat.add_image(frame)
             chat.add_text("next frame")
-        settings = self.pipe.image_settings(self.pipe.config.edit, height=h, width=w, seed=self.seed)
-        return chat.generate_image(settings).image
+        settings = self.pipe.image_settings(
+            self.pipe.config.edit, height=h, width=w, seed=self.seed, num_timesteps=self.steps
+        )
+        return chat.generate_image(settings, step_cache=self.step_cache).image
 
     def think(self, item):
-        return self.pipe.text_to_image(item.prompt, seed=self.seed, think=True).image
+        return self.pipe.text_to_image(item.prompt, think=True, **self._image_kw()).image
 
 
 def run_item(predictor: Predictor, item: Item) -> Image.Image | str:

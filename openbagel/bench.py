@@ -1,0 +1,623 @@
+"""``openbagel bench``: time the engine's phases against its plain path, in the same run.
+
+The plain path is the same engine with its optimisations switched off
+(``BagelPipeline.plain``): every guidance branch its own forward over a
+copied context (the redundant image-free pass of text to image included), a
+packed segment built per decoded token, one request at a time. Each phase is
+timed in both modes (median of ``runs`` after a warm-up, modes alternating),
+with its peak memory (RSS sampled every 2 ms on CPU; max allocated on CUDA),
+its FLOPs (``torch.utils.flop_counter``) against the machine's measured matmul
+GFLOP/s, and for decoding the tokens/s against the memory-bandwidth bound
+(bytes read per token / measured copy bandwidth).
+
+Configs: ``tiny`` (the golden config), ``small`` (a 512-wide decoder with the
+real vocabulary, the full FLUX autoencoder) and ``7b-mot`` (the published
+shape: on a CPU it is built on the meta device for FLOP/byte accounting and
+not run), all with random weights; or ``--model DIR`` for a checkpoint.
+Benchmarks and their results: ``benchmarks/`` (``RESULTS.md``, ``gpu.sh``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from openbagel.config import BagelConfig, ImageSampling, preset
+from openbagel.errors import InvalidInputError
+from openbagel.inference.generate import decode_tokens, draw_noise, generate_latents_batch
+from openbagel.inference.sampling import TextSampling
+from openbagel.inference.session import Session
+from openbagel.inference.step_cache import StepCacheSettings
+from openbagel.model.bagel import Bagel
+from openbagel.model.layers import RMSNorm
+from openbagel.packing import SpecialIds, flattened_position_ids, patchify, unpatchify
+
+#: Bench config names -> model presets.
+CONFIGS = {"tiny": "tiny-golden", "small": "small", "7b-mot": "7b-mot"}
+TASKS = ("t2i", "edit", "understand")
+
+#: The reference app's defaults: text to image and editing (``num_timesteps`` set by ``--steps``).
+T2I_SAMPLING = ImageSampling(
+    timestep_shift=3.0, guidance_scale=4.0, image_guidance_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"
+)
+EDIT_SAMPLING = ImageSampling(
+    timestep_shift=3.0,
+    guidance_scale=4.0,
+    image_guidance_scale=2.0,
+    cfg_interval=(0.0, 1.0),
+    cfg_renorm_type="text_channel",
+)
+
+
+@dataclass
+class Record:
+    """One phase of one task: fast and plain medians, memory, and the machine bounds."""
+
+    config: str
+    task: str
+    phase: str
+    median_s: float
+    plain_median_s: float | None
+    speedup: float | None
+    peak_mem_mb: float
+    plain_peak_mem_mb: float | None
+    unit: str = "call"  # what median_s times: "step", "token", "call"
+    gflop: float | None = None  # per unit, fast path
+    gflops_per_s: float | None = None
+    compute_fraction: float | None = None  # of the measured matmul GFLOP/s
+    tokens_per_s: float | None = None
+    bound_tokens_per_s: float | None = None
+    bound_fraction: float | None = None
+    kv_bytes_per_token: int | None = None
+    extra: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+
+
+# --- measuring ---------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory inside a ``with`` block: max allocated on CUDA, sampled RSS on CPU (bytes in ``peak``)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak = _rss()
+
+        def sample() -> None:
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, _rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The compute bound: GFLOP/s of a large square matmul in ``dtype`` (best of ``repeats``)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _best_time(lambda: a @ b, device, repeats) / 1e9
+
+
+def copy_gbps(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """The memory bound: GB/s of bytes read plus written by a large copy (best of ``repeats``)."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best_time(lambda: dst.copy_(src), device, repeats) / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# --- the model ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def random_init(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Linear/embedding weights ``N(0, std)``, biases 0, norm scales 1, drawn on the weights' device."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            module.weight.normal_(0, std, generator=g)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, (RMSNorm, nn.LayerNorm, nn.GroupNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+
+def build_random(config: BagelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """``(model, vae)`` with random weights, initialised where they live (no CPU copy of a GPU model)."""
+    from openbagel.model.vae import BagelVAE
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a 7B model is never materialised in float32
+    try:
+        with torch.device(device):
+            model = Bagel(config)
+            vae = BagelVAE(config.vae)
+    finally:
+        torch.set_default_dtype(default)
+    random_init(model, seed)
+    return model.to(dtype).eval(), vae.to(dtype).eval()
+
+
+def special_ids(vocab: int) -> SpecialIds:
+    return SpecialIds(bos=vocab - 4, eos=vocab - 3, start_of_image=vocab - 2, end_of_image=vocab - 1)
+
+
+def understanding_bytes(model: Bagel) -> int:
+    """Bytes of the weights one decoded token reads: the understanding expert, final norm, LM head, one embedding row."""
+    lm = model.language_model
+    total = sum(p.numel() * p.element_size() for n, p in lm.model.layers.named_parameters() if "_moe_gen" not in n)
+    total += sum(p.numel() * p.element_size() for p in (*lm.model.norm.parameters(), *lm.lm_head.parameters()))
+    emb = lm.model.embed_tokens.weight
+    return total + emb.shape[1] * emb.element_size()
+
+
+# --- tasks -------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    name: str
+    model: Bagel
+    vae: nn.Module | None
+    config: BagelConfig
+    special: SpecialIds
+    device: torch.device
+    size: int
+    steps: int
+    batch: int
+    prompt_tokens: int
+    decode_tokens: int
+    long_context: int
+    step_cache: StepCacheSettings | None
+    static: object | None = None  # a compiled StaticDecoder for the fast path
+
+    def prompt(self) -> list[int]:
+        g = torch.Generator().manual_seed(1)
+        return torch.randint(0, self.special.bos, (self.prompt_tokens,), generator=g).tolist()
+
+    def image_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent tokens and position ids of a ``size`` x ``size`` input image (VAE path)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(2)
+        pixels = (torch.rand(1, 3, self.size, self.size, generator=g) * 2 - 1).to(self.device)
+        latent = self.vae.encode(pixels)[0].float()
+        p = cfg.latent_patch_size
+        h, w = latent.shape[1] // p, latent.shape[2] // p
+        return patchify(latent, p), flattened_position_ids(h, w, cfg.max_latent_size, cfg.position_mode)
+
+    def vit_patches(self, side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViT patches and position ids of an image (its side a multiple of the patch; default: ``size`` rounded)."""
+        cfg = self.config
+        p = cfg.vit.patch_size
+        side = side or min(cfg.vit_transform.max_size, max(p, self.size // p * p))
+        g = torch.Generator().manual_seed(3)
+        pixels = torch.rand(3, side, side, generator=g) * 2 - 1
+        pos = flattened_position_ids(side // p, side // p, cfg.vit_max_num_patch_per_side, cfg.position_mode)
+        return patchify(pixels, p).to(self.device, self.model.dtype), pos
+
+    def noises(self) -> list[torch.Tensor]:
+        return [
+            draw_noise(self.model, self.size, self.size, torch.Generator().manual_seed(10 + k))
+            for k in range(self.batch)
+        ]
+
+
+def _image_task(setup: Setup, task: str, plain: bool, step_cache=None) -> tuple[dict, dict]:
+    """One run of text to image or edit: ``({phase: seconds}, {phase: peak bytes})`` and the latents."""
+    s, dev = setup, setup.device
+    params = replace(T2I_SAMPLING if task == "t2i" else EDIT_SAMPLING, num_timesteps=s.steps)
+    times, peaks = {}, {}
+    with torch.inference_mode():
+        with PeakMemory(dev) as mem:
+            _sync(dev)
+            t0 = time.perf_counter()
+            session = Session(s.model, s.special)
+            if task == "edit":
+                session.add_vae_image(*s.image_latents())
+                session.add_vit_image(*s.vit_patches())
+            session.add_text(s.prompt())
+            _sync(dev)
+        times["prefill"], peaks["prefill"] = time.perf_counter() - t0, mem.peak
+        with PeakMemory(dev) as mem:
+            t0 = time.perf_counter()
+            latents = generate_latents_batch(
+                s.model, [session] * s.batch, s.size, s.size, params, s.noises(), plain=plain, step_cache=step_cache
+            )
+            _sync(dev)
+        times["denoise_step"], peaks["denoise_step"] = (time.perf_counter() - t0) / (s.steps - 1), mem.peak
+        down, p = s.config.latent_downsample, s.config.latent_patch_size
+        with PeakMemory(dev) as mem:
+            t0 = time.perf_counter()
+            images = [s.vae.decode(unpatchify(lat, s.size // down, s.size // down, p)[None]) for lat in latents]
+            _sync(dev)
+        times["vae_decode"], peaks["vae_decode"] = (time.perf_counter() - t0) / s.batch, mem.peak
+    return times, peaks, (latents, images)
+
+
+def _filled_session(s: Setup, tokens: int) -> Session:
+    """A session whose full context holds ``tokens`` cached tokens of random keys/values (not timed)."""
+    session = Session(s.model, s.special, capacity=tokens + s.decode_tokens + 8)
+    cache = session.full.cache
+    g = torch.Generator(s.device).manual_seed(4)
+    cache.k[:, :tokens].normal_(generator=g)
+    cache.v[:, :tokens].normal_(generator=g)
+    cache.commit(tokens)
+    session.full.rope = tokens
+    return session
+
+
+def _understand(s: Setup, plain: bool) -> tuple[dict, dict]:
+    """Prefill of one image + prompt, decoding at that context, and decoding after ``long_context`` tokens."""
+    dev = s.device
+    params = TextSampling(max_new_tokens=s.decode_tokens)
+    never_stop = replace(s.special, eos=-1)  # random weights: always decode the full count
+    times, peaks = {}, {}
+    with torch.inference_mode():
+        with PeakMemory(dev) as mem:
+            _sync(dev)
+            t0 = time.perf_counter()
+            session = Session(s.model, s.special)
+            session.add_vit_image(*s.vit_patches())
+            session.add_text(s.prompt())
+            _sync(dev)
+        times["prefill"], peaks["prefill"] = time.perf_counter() - t0, mem.peak
+        for phase, sess in (("decode", session), ("decode_long", _filled_session(s, s.long_context))):
+            ctx = sess.full.fork() if plain else sess.decoding_context(s.decode_tokens)
+            with PeakMemory(dev) as mem:
+                t0 = time.perf_counter()
+                tokens = decode_tokens(
+                    s.model, ctx, never_stop, params, plain=plain, static=None if plain else s.static
+                )
+                n = sum(1 for _ in tokens)
+                _sync(dev)
+            times[phase], peaks[phase] = (time.perf_counter() - t0) / n, mem.peak
+    return times, peaks, session.full.cache.length
+
+
+def run_task(
+    s: Setup,
+    task: str,
+    runs: int,
+    machine: dict,
+    log: Callable[[str], None],
+    partial: Callable[[list[Record]], None] | None = None,
+) -> list[Record]:
+    """Time ``task`` in both modes; returns one record per phase.
+
+    ``partial`` is called with the records measured so far after every run
+    (so that a benchmark cut short still reports what it measured).
+    """
+    fast_t: dict[str, list[float]] = {}
+    plain_t: dict[str, list[float]] = {}
+    fast_m: dict[str, int] = {}
+    plain_m: dict[str, int] = {}
+    context_tokens = None
+    for rep in range(runs + 1):  # the first is a warm-up
+        for plain in (rep % 2 == 1, rep % 2 == 0):  # alternate which mode goes first
+            if task == "understand":
+                times, peaks, context_tokens = _understand(s, plain)
+            else:
+                times, peaks, _ = _image_task(s, task, plain)
+            if rep == 0:
+                continue
+            for ph, t in times.items():
+                (plain_t if plain else fast_t).setdefault(ph, []).append(t)
+                mem = plain_m if plain else fast_m
+                mem[ph] = max(mem.get(ph, 0), peaks[ph])
+        log(f"  {task}: run {rep}/{runs} done" if rep else f"  {task}: warm-up done")
+        if rep and partial is not None:
+            partial(_records(s, task, fast_t, plain_t, fast_m, plain_m, context_tokens, {}, machine))
+
+    records = _records(s, task, fast_t, plain_t, fast_m, plain_m, context_tokens, _flops(s, task), machine)
+    if s.step_cache is not None and task != "understand":
+        records.append(_step_cache_record(s, task, runs, machine, fast_t["denoise_step"]))
+    return records
+
+
+def _records(s: Setup, task, fast_t, plain_t, fast_m, plain_m, context_tokens, flops, machine) -> list[Record]:
+    kv_per_token = 2 * s.config.llm.num_layers * s.config.llm.num_kv_heads * s.config.llm.head_dim
+    kv_per_token *= s.model.dtype.itemsize
+    records = []
+    for ph, ts in fast_t.items():
+        med, pmed = statistics.median(ts), statistics.median(plain_t[ph])
+        r = Record(
+            s.name, task, ph, med, pmed, pmed / med, fast_m[ph] / 2**20, plain_m[ph] / 2**20,
+            unit={"denoise_step": "step", "decode": "token", "decode_long": "token"}.get(ph, "call"),
+            kv_bytes_per_token=kv_per_token, machine=machine,
+        )  # fmt: skip
+        if ph in flops:
+            r.gflop = flops[ph] / 1e9
+            r.gflops_per_s = r.gflop / med
+            r.compute_fraction = r.gflops_per_s / machine["matmul_gflops"]
+        if ph.startswith("decode"):
+            ctx = (context_tokens if ph == "decode" else s.long_context) + s.decode_tokens // 2
+            per_token = understanding_bytes(s.model) + ctx * kv_per_token
+            r.tokens_per_s = 1 / med
+            r.bound_tokens_per_s = machine["copy_gbps"] * 1e9 / per_token
+            r.bound_fraction = r.tokens_per_s / r.bound_tokens_per_s
+            r.extra["context_tokens"] = ctx
+            r.extra["bytes_per_token"] = per_token
+        if ph == "denoise_step":
+            r.extra["batch"] = s.batch
+        records.append(r)
+    return records
+
+
+def _step_cache_record(s: Setup, task: str, runs: int, machine: dict, uncached: list[float]) -> Record:
+    """Denoising with the step cache against the uncached fast path: speed-up, latent error, PSNR."""
+    _, _, (ref_latents, ref_images) = _image_task(s, task, False)
+    times, mems = [], 0
+    for rep in range(runs + 1):
+        t, m, (latents, images) = _image_task(s, task, False, s.step_cache)
+        if rep:
+            times.append(t["denoise_step"])
+            mems = max(mems, m["denoise_step"])
+    err = max(float((a - b).norm() / b.norm()) for a, b in zip(latents, ref_latents))
+    mse = max(float(((a.float() - b.float()) ** 2).mean()) for a, b in zip(images, ref_images))
+    psnr = math.inf if mse == 0 else 10 * math.log10(4.0 / mse)  # images in [-1, 1]: peak-to-peak 2
+    med, base = statistics.median(times), statistics.median(uncached)
+    return Record(
+        s.name, task, "denoise_step_cached", med, base, base / med, mems / 2**20, None, unit="step",
+        extra={"baseline": "uncached fast path", "latent_rel_error": err, "psnr_db": psnr, **asdict(s.step_cache)},
+        machine=machine,
+    )  # fmt: skip
+
+
+def _flops(s: Setup, task: str) -> dict[str, float]:
+    """FLOPs per unit of each phase on the fast path (one counted run of each)."""
+    with torch.inference_mode():
+        session = Session(s.model, s.special)
+        if task == "understand":
+            prefill = count_flops(lambda: (session.add_vit_image(*s.vit_patches()), session.add_text(s.prompt())))
+            ctx = session.decoding_context(1)
+            one = TextSampling(max_new_tokens=1)
+            decode = count_flops(lambda: list(decode_tokens(s.model, ctx, replace(s.special, eos=-1), one)))
+            return {"prefill": prefill, "decode": decode}
+
+        def build() -> None:
+            if task == "edit":
+                session.add_vae_image(*s.image_latents())
+                session.add_vit_image(*s.vit_patches())
+            session.add_text(s.prompt())
+
+        prefill = count_flops(build)
+        params = replace(T2I_SAMPLING if task == "t2i" else EDIT_SAMPLING, num_timesteps=s.steps)
+        out: dict = {}
+        denoise = count_flops(
+            lambda: out.setdefault(
+                "latents", generate_latents_batch(s.model, [session] * s.batch, s.size, s.size, params, s.noises())
+            )
+        )
+        down, p = s.config.latent_downsample, s.config.latent_patch_size
+        lat = unpatchify(out["latents"][0], s.size // down, s.size // down, p)[None]
+        vae = count_flops(lambda: s.vae.decode(lat))
+    return {"prefill": prefill, "denoise_step": denoise / (s.steps - 1), "vae_decode": vae}
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def meta_accounting(config: BagelConfig, size: int, steps: int, prompt_tokens: int) -> dict:
+    """FLOPs and bytes of a config that is not run (built on the meta device)."""
+    from openbagel.checkpoint import build_model
+    from openbagel.inference.denoise import BatchedQuery
+    from openbagel.inference.session import FULL, TEXT_FREE
+
+    model = build_model(config)
+    special = special_ids(config.llm.vocab_size)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    down = config.latent_downsample
+    n = (size // down) ** 2
+    session = Session(model, special)
+    with torch.inference_mode():
+        session.add_text(list(range(prompt_tokens)))
+        position_ids = flattened_position_ids(size // down, size // down, config.max_latent_size)
+        query = BatchedQuery(model, [session.branch(FULL), session.branch(TEXT_FREE)], position_ids, special)
+        x = torch.empty(2, n, config.latent_channels_per_token, device="meta")
+        step = count_flops(lambda: query.velocities(x, torch.zeros((), device="meta")))
+    kv = session.full.cache.bytes_per_token
+    return {
+        "weights_bytes_bf16": weights // 2,
+        "kv_bytes_per_token_bf16": kv // 2,
+        "denoise_step_gflop_two_branches": step / 1e9,
+        "latent_tokens": n,
+        "decode_bytes_per_token_bf16": understanding_bytes(model) // 2,
+    }
+
+
+def run_bench(
+    config: str = "small",
+    tasks: tuple[str, ...] = ("t2i",),
+    size: int = 256,
+    steps: int = 10,
+    runs: int = 3,
+    batch: int = 1,
+    prompt_tokens: int = 32,
+    decode_tokens_n: int = 32,
+    long_context: int = 9000,
+    dtype: str = "float32",
+    device: str = "cpu",
+    model_dir: str | None = None,
+    step_cache: StepCacheSettings | None = None,
+    json_path: Path | None = None,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Record]:
+    """Run the benchmark; returns the records (and writes them to ``json_path`` as a JSON list).
+
+    ``compile`` decodes text on the fast path with the static-shape decoder
+    through ``torch.compile`` (compiled during the warm-up run).
+
+    Raises:
+        InvalidInputError: unknown config or task, a size the model cannot
+            make, ``7b-mot`` asked to run on a CPU.
+    """
+    from openbagel.pipeline import parse_device, parse_dtype
+
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    for t in tasks:
+        if t not in TASKS:
+            raise InvalidInputError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    for name, v, lo in (
+        ("steps", steps, 2),
+        ("runs", runs, 1),
+        ("batch", batch, 1),
+        ("decode tokens", decode_tokens_n, 1),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InvalidInputError(f"{name} must be a whole number >= {lo}, got {v!r}")
+    if model_dir is not None:
+        from openbagel.pipeline import BagelPipeline
+
+        pipe = BagelPipeline.from_pretrained(model_dir, dtype=dt, device=dev)
+        name, model, vae, cfg, special = str(model_dir), pipe.model, pipe.vae, pipe.config, pipe.tokenizer.special
+    else:
+        if config not in CONFIGS:
+            raise InvalidInputError(f"unknown config {config!r}; choose from {', '.join(CONFIGS)} (or --model DIR)")
+        cfg = preset(CONFIGS[config])
+        if config == "7b-mot" and dev.type == "cpu":
+            acc = meta_accounting(cfg, size, steps, prompt_tokens)
+            log(
+                f"7b-mot needs {acc['weights_bytes_bf16'] / 2**30:.1f} GiB of bf16 weights: not run on a CPU "
+                "(built on the meta device for accounting only; run it on a GPU with benchmarks/gpu.sh)"
+            )
+            for k, v in acc.items():
+                log(f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}")
+            raise InvalidInputError("7b-mot does not run on a CPU; use --device cuda, or --config small")
+        name = config
+        log(f"building {config} with random weights ({dt}, {dev}) ...")
+        model, vae = build_random(cfg, dt, dev)
+        special = special_ids(cfg.llm.vocab_size)
+    from openbagel.pipeline import check_size
+
+    check_size(cfg, size, size)
+    setup = Setup(
+        name,
+        model,
+        vae,
+        cfg,
+        special,
+        dev,
+        size,
+        steps,
+        batch,
+        prompt_tokens,
+        decode_tokens_n,
+        long_context,
+        step_cache,
+    )
+    log("measuring the machine ...")
+    machine = {
+        "matmul_gflops": matmul_gflops(dev, dt),
+        "copy_gbps": copy_gbps(dev),
+        "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "dtype": str(dt).removeprefix("torch."),
+        "torch": torch.__version__,
+        "size": size,
+        "steps": steps,
+    }
+    log(
+        f"  matmul {machine['matmul_gflops']:.1f} GFLOP/s, copy {machine['copy_gbps']:.1f} GB/s, {machine['threads']} threads"
+    )
+    records: list[Record] = []
+
+    def partial(measured: list[Record]) -> None:  # a run cut short still reports
+        if json_path is not None:
+            write_records(records + measured, json_path)
+
+    for task in tasks:
+        records += run_task(setup, task, runs, machine, log, partial)
+        partial([])
+    log(format_table(records))
+    return records
+
+
+def write_records(records: list[Record], path: Path) -> None:
+    from openbagel.fileio import write_atomically
+
+    data = json.dumps([asdict(r) for r in records], indent=1, default=float)
+    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(data))
+
+
+def format_table(records: list[Record]) -> str:
+    """The records as a text table (times in ms, memory in MiB)."""
+    head = f"{'config':<8} {'task':<10} {'phase':<20} {'fast ms':>9} {'plain ms':>9} {'speedup':>8} {'peak MiB':>9} {'plain MiB':>9}  bounds"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        bounds = []
+        if r.compute_fraction is not None:
+            bounds.append(f"{r.gflops_per_s:.1f} GFLOP/s = {r.compute_fraction:.0%} of matmul")
+        if r.bound_fraction is not None:
+            bounds.append(
+                f"{r.tokens_per_s:.1f} tok/s = {r.bound_fraction:.0%} of bandwidth bound ({r.bound_tokens_per_s:.1f})"
+            )
+        if "latent_rel_error" in r.extra:
+            bounds.append(f"latent err {r.extra['latent_rel_error']:.2%}, PSNR {r.extra['psnr_db']:.1f} dB")
+        plain = "" if r.plain_median_s is None else f"{r.plain_median_s * 1e3:9.1f}"
+        pmem = "" if r.plain_peak_mem_mb is None else f"{r.plain_peak_mem_mb:9.0f}"
+        speed = "" if r.speedup is None else f"{r.speedup:7.2f}x"
+        lines.append(
+            f"{r.config:<8} {r.task:<10} {r.phase:<20} {r.median_s * 1e3:9.1f} {plain:>9} {speed:>8} "
+            f"{r.peak_mem_mb:9.0f} {pmem:>9}  {'; '.join(bounds)}"
+        )
+    return "\n".join(lines)
