@@ -200,7 +200,8 @@ def _step_cache(cache: bool, interval: int, order: int, warmup: int):
     """The step-cache settings of the --cache options (None without --cache)."""
     from openbagel.inference.step_cache import StepCacheSettings
 
-    return StepCacheSettings(interval, order, warmup) if cache else None
+    settings = StepCacheSettings(interval, order, warmup)  # checked with or without --cache
+    return settings if cache else None
 
 
 def _config(model: str | None, device: str, dtype: str):
@@ -885,6 +886,9 @@ def bench(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the records to this JSON file."),
+    prompt: str = typer.Option(
+        "a red circle above a blue square", "--prompt", help="With --model: the prompt (random token ids otherwise)."
+    ),
 ) -> None:
     """Time each phase against the plain path (optimisations off) in the same run; see benchmarks/RESULTS.md."""
 
@@ -902,7 +906,7 @@ def bench(
         tasks = TASKS if "all" in task else tuple(dict.fromkeys(task))
         run_bench(
             config, tasks, size, steps, runs, batch, 32, decode_tokens, long_context, dtype, device, model,
-            _step_cache(cache, cache_interval, cache_order, cache_warmup), json_out, compile_, log=typer.echo,
+            _step_cache(cache, cache_interval, cache_order, cache_warmup), json_out, compile_, prompt, log=typer.echo,
         )  # fmt: skip
 
     _run(body)

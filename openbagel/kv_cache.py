@@ -39,7 +39,8 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_bytes(text: str, name: str = "size") -> int:
@@ -48,11 +49,12 @@ def parse_bytes(text: str, name: str = "size") -> int:
     Raises:
         InvalidInputError: not a positive size with a known unit (the option ``name`` in the message).
     """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+    n = int(float(m.group(1)) * _UNITS[unit]) if m and unit in _UNITS else 0
+    if n < 1:
         raise InvalidInputError(f"{name} must be a size such as 2GB, 512MiB or 1000000 (bytes), got {text!r}")
-    return max(1, int(float(m.group(1)) * _UNITS[unit]))
+    return n
 
 
 class CacheBudget:
@@ -70,19 +72,29 @@ class CacheBudget:
         self.max_bytes = max_bytes
         self.allocated = 0
 
-    def check(self, old_bytes: int, new_bytes: int, tokens: int, bytes_per_token: int) -> None:
-        """Whether a cache may grow from ``old_bytes`` (freed afterwards) to ``new_bytes`` (for ``tokens`` tokens).
+    #: With a budget, caches grow to what they need rounded up to this many tokens (no doubling).
+    STEP = 64
+
+    def room(self, freed: int, bytes_per_token: int) -> int | None:
+        """Tokens a cache could hold if it freed ``freed`` bytes (None: no limit)."""
+        if self.max_bytes is None:
+            return None
+        return (self.max_bytes - self.allocated + freed) // bytes_per_token
+
+    def check(self, old_bytes: int, new_bytes: int, need: int, bytes_per_token: int) -> None:
+        """Whether a cache holding ``old_bytes`` (freed afterwards) may take ``new_bytes`` to hold ``need`` tokens.
 
         Raises:
-            CacheBudgetError: the budget would be exceeded.
+            CacheBudgetError: the budget would be exceeded (the message gives what is needed).
         """
         after = self.allocated - old_bytes + new_bytes
         if self.max_bytes is not None and after > self.max_bytes:
             raise CacheBudgetError(
-                f"this context needs {tokens} tokens of KV cache ({format_bytes(tokens * bytes_per_token)}), "
-                f"{format_bytes(after)} with the conversation's other caches, over the KV-cache budget of "
-                f"{format_bytes(self.max_bytes)}; raise the budget (--kv-cache-budget), use smaller images "
-                "or shorter texts, or start a new conversation"
+                f"this context needs {need} token{'s' * (need != 1)} of KV cache "
+                f"({format_bytes(need * bytes_per_token)}), which "
+                f"would bring the conversation to {format_bytes(after)}, over the KV-cache budget of "
+                f"{format_bytes(self.max_bytes)}; raise the budget (--kv-cache-budget), or use smaller images, "
+                "shorter texts, fewer images per call or a new conversation"
             )
 
     def track(self, storage: Tensor, nbytes: int) -> None:
@@ -99,7 +111,9 @@ class KVCache:
 
     Args:
         num_layers, num_kv_heads, head_dim: the decoder's shape.
-        capacity: tokens preallocated; the cache grows (doubling) when needed.
+        capacity: tokens preallocated (none with a budget); the cache grows
+            when needed (doubling; with a budget, to what is needed, in steps
+            of :attr:`CacheBudget.STEP` tokens).
         dtype, device: of the stored tensors (those of the model's activations).
         budget: shared limit on allocated bytes (default: unlimited).
     Raises:
@@ -121,7 +135,9 @@ class KVCache:
         self.length = 0
         self._parent: KVCache | None = None  # set by share()
         self._parent_length = 0
-        self._allocate((num_layers, max(capacity, 1), num_kv_heads, head_dim), copy=0)
+        if self.budget.max_bytes is not None:  # a budgeted cache takes memory when it needs it, in small steps
+            capacity = 0
+        self._allocate((num_layers, capacity, num_kv_heads, head_dim), copy=0, need=0)
 
     @property
     def capacity(self) -> int:
@@ -143,12 +159,14 @@ class KVCache:
         """Bytes holding the ``length`` cached tokens."""
         return self.bytes_per_token * self.length
 
-    def _allocate(self, shape: tuple[int, ...], copy: int) -> None:
+    def _freed_by_growing(self) -> int:
         # a shared child's storage belongs to its parent and is not freed by growing
-        old_bytes = self.nbytes if self.k.dim() == 4 and self._parent is None else 0
+        return self.nbytes if self.k.dim() == 4 and self._parent is None else 0
+
+    def _allocate(self, shape: tuple[int, ...], copy: int, need: int) -> None:
         layers, cap, h, d = shape
         per_token = 2 * layers * h * d * self.k.element_size()
-        self.budget.check(old_bytes, per_token * cap, cap, per_token)
+        self.budget.check(self._freed_by_growing(), per_token * cap, need, per_token)
         k = self.k.new_empty(shape)
         v = self.v.new_empty(shape)
         self.budget.track(k, per_token * cap)
@@ -168,13 +186,13 @@ class KVCache:
         need = self.length + n
         if need <= self.capacity:
             return
-        new_cap = max(need, 2 * self.capacity)
-        limit = self.budget.max_bytes
-        if limit is not None:  # doubling must not refuse what fits exactly
-            freed = self.nbytes if self._parent is None else 0
-            room = (limit - self.budget.allocated + freed) // self.bytes_per_token
-            new_cap = max(need, min(new_cap, room))
-        self._allocate((self.k.shape[0], new_cap, *self.k.shape[2:]), copy=self.length)
+        room = self.budget.room(self._freed_by_growing(), self.bytes_per_token)
+        if room is None:
+            new_cap = max(need, 2 * self.capacity)  # amortised O(1) per token
+        else:  # what is needed, a little more if it fits
+            step = CacheBudget.STEP
+            new_cap = max(need, min(-(-need // step) * step, room))
+        self._allocate((self.k.shape[0], new_cap, *self.k.shape[2:]), copy=self.length, need=need)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` ``[n, Hkv, D]`` after the cached tokens of ``layer``.
@@ -200,7 +218,8 @@ class KVCache:
     def fork(self, length: int | None = None) -> KVCache:
         """An independent copy of the first ``length`` cached tokens (default: all).
 
-        One copy of the filled prefix; the new cache has the same capacity and budget.
+        One copy of the filled prefix; the new cache has room for it (and grows
+        when appended to) and shares the budget.
         """
         length = self.length if length is None else length
         if not 0 <= length <= self.length:
@@ -208,7 +227,8 @@ class KVCache:
         new = KVCache.__new__(KVCache)
         new.budget, new.length, new._parent, new._parent_length = self.budget, length, None, 0
         new.k = new.v = self.k.new_empty(0)
-        new._allocate(tuple(self.k.shape), copy=0)
+        step = CacheBudget.STEP
+        new._allocate((self.k.shape[0], max(step, -(-length // step) * step), *self.k.shape[2:]), copy=0, need=length)
         new.k[:, :length] = self.k[:, :length]
         new.v[:, :length] = self.v[:, :length]
         return new

@@ -11,6 +11,7 @@ guidance contexts) and runs the text decoder or the image sampler on it.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -116,9 +117,9 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     """
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise InvalidInputError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _check_generator(generator):
@@ -159,10 +160,23 @@ def _single_seed(seed, generator):
     return seed
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise InvalidInputError(f"{name} must be a whole number from 1 to 64, got {value!r}")
-    return value
+#: Most images one call generates together.
+MAX_BATCH = 64
+
+
+def _check_batch(prompts: int, per_prompt, step_cache) -> int:
+    """``per_prompt`` checked (a whole number, at most :data:`MAX_BATCH` images in all), and ``step_cache``'s type."""
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or not 1 <= per_prompt <= MAX_BATCH:
+        raise InvalidInputError(
+            f"num_images_per_prompt must be a whole number from 1 to {MAX_BATCH}, got {per_prompt!r}"
+        )
+    if prompts * per_prompt > MAX_BATCH:
+        raise InvalidInputError(
+            f"{prompts} prompts x {per_prompt} images is more than {MAX_BATCH} images in one call; split the batch"
+        )
+    if step_cache is not None and not isinstance(step_cache, StepCacheSettings):
+        raise InvalidInputError("step_cache must be a StepCacheSettings (or None)")
+    return per_prompt
 
 
 def _check_flag(name: str, value) -> bool:
@@ -485,7 +499,7 @@ class BagelPipeline:
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
         prompts = _prompt_list(prompt)
-        n = _check_count("num_images_per_prompt", num_images_per_prompt)
+        n = _check_batch(len(prompts), num_images_per_prompt, step_cache)
         _check_flag("think", think)
         chats, reasonings = [], []
         for p in prompts:
@@ -509,8 +523,6 @@ class BagelPipeline:
         step_cache: StepCacheSettings | None,
     ) -> list[Image.Image]:
         """Denoise one image per session (a batch), then decode each with the VAE."""
-        if step_cache is not None and not isinstance(step_cache, StepCacheSettings):
-            raise InvalidInputError("step_cache must be a StepCacheSettings (or None)")
         latents = generate_latents_batch(
             self.model, sessions, s.height, s.width, s.sampling, noises,
             on_step=on_step, progress=progress, plain=self.plain, step_cache=step_cache,
@@ -561,6 +573,7 @@ class BagelPipeline:
         """
         prompt = style_instruction(prompt, style)
         _check_flag("think", think)
+        n = _check_batch(1, num_images_per_prompt, step_cache)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         inputs = [image, *images] if image is not None else list(images)
@@ -578,7 +591,6 @@ class BagelPipeline:
             s.width, s.height = sizes[0]
         chat.add_text(prompt)
         reasoning = chat._think(max_think_tokens) if think else None
-        n = _check_count("num_images_per_prompt", num_images_per_prompt)
         images = self._sample([chat.session] * n, s, _noises(self.model, s, seed, n), progress, on_step, step_cache)
         return ImageResult(images, reasoning, [reasoning])
 
@@ -624,6 +636,7 @@ class BagelPipeline:
             frames = [frames]
         if not frames:
             raise InvalidInputError("predict_frames needs at least one frame")
+        _check_batch(1, 1, step_cache)
         for name, v in (("num_frames", num_frames), ("context_frames", context_frames)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
@@ -838,6 +851,7 @@ class Chat:
         s = settings or pipe.image_settings(pipe.config.t2i)
         if not isinstance(s, ImageSettings):
             raise InvalidInputError("settings must come from pipe.image_settings(...)")
+        _check_batch(1, 1, step_cache)
         with self.session.transaction():
             reasoning = self._think(max_think_tokens) if think else None
             noise = draw_noise(pipe.model, s.height, s.width, s.generator)

@@ -196,6 +196,20 @@ def test_fast_decoding_equals_plain(pipe):
     torch.testing.assert_close(torch.stack(fast_logits), torch.stack(plain_logits), rtol=1e-5, atol=1e-5)
 
 
+def test_decoding_builds_nothing_per_token(pipe, monkeypatch):
+    """Room is reserved once and no segment, mask or copy is built per decoded token."""
+    import openbagel.inference.generate as gen
+
+    s = _t2i_session(pipe)
+    ctx = s.decoding_context(40)
+    storage = ctx.cache.k
+    monkeypatch.setattr(gen, "text_segment", lambda *a, **k: pytest.fail("a segment was built"))
+    monkeypatch.setattr(torch.Tensor, "tril", lambda *a, **k: pytest.fail("a causal mask was built"))
+    no_eos = type(s.special)(s.special.bos, -1, s.special.start_of_image, s.special.end_of_image)
+    assert len(list(decode_tokens(pipe.model, ctx, no_eos, TextSampling(max_new_tokens=40)))) == 40
+    assert ctx.cache.k is storage and s.full.cache.k is storage  # decoded in place, never regrown
+
+
 def test_decoding_context_refuses_a_changed_conversation(pipe):
     s = _t2i_session(pipe)
     ctx = s.decoding_context(8)
@@ -234,28 +248,49 @@ def test_folded_gqa_attention_equals_repeated_heads(dtype):
 
 def test_budget_refuses_and_keeps_the_conversation(pipe):
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head dim x float32 bytes
-    s = Session(pipe.model, pipe.tokenizer.special, capacity=8, max_cache_bytes=40 * per_token)
+    s = Session(pipe.model, pipe.tokenizer.special, max_cache_bytes=40 * per_token)
     assert s.full.cache.bytes_per_token == per_token
-    assert s.cache_bytes == 8 * per_token
-    s.add_text(list(range(10, 30)))  # 22 tokens with BOS/EOS: grows to 22 (more than double)
-    assert s.cached_tokens == 22 and s.cache_bytes == 22 * per_token
-    with pytest.raises(
-        CacheBudgetError,
-        match=r"needs 42 tokens of KV cache \(21.0 KiB\), .* over the KV-cache budget of 20.0 KiB; raise the budget",
-    ):
+    assert s.cache_bytes == 0  # nothing preallocated under a budget
+    s.add_text(list(range(10, 30)))  # 22 tokens with BOS/EOS: grows to 64 rounded, cut to the 40 that fit
+    assert s.cached_tokens == 22 and s.cache_bytes == 40 * per_token
+    with pytest.raises(CacheBudgetError) as e:
         s.add_text(list(range(10, 28)))
+    assert str(e.value).startswith(
+        "this context needs 42 tokens of KV cache (21.0 KiB), which would bring the conversation to 21.0 KiB, "
+        "over the KV-cache budget of 20.0 KiB; raise the budget (--kv-cache-budget)"
+    )
     assert s.cached_tokens == 22  # refused before anything was added
-    s.add_text(list(range(10, 20)))  # 34 tokens: the cache grows to exactly the 40 that fit
-    assert s.full.cache.capacity == 40
+    s.add_text(list(range(10, 20)))  # 34 tokens fit
+    assert s.cached_tokens == 34 and s.cache_bytes == 40 * per_token
+
+
+def test_budget_is_spent_on_what_is_needed(pipe):
+    """A budgeted conversation preallocates little and grows by small steps:
+    an image chat that needs 130 KiB runs within 200 KiB."""
+    from openbagel import BagelPipeline
+
+    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.config, max_cache_bytes=200 * 1024)
+    unlimited = pipe.chat()
+    chat = small.chat()
+    image = pipe.text_to_image("a cube", num_timesteps=2, seed=0).image
+    for c in (unlimited, chat):
+        c.add_image(image)
+        c.add_text("what is it?")
+    assert chat.reply(TextSampling(max_new_tokens=4)) == unlimited.reply(TextSampling(max_new_tokens=4))
+    assert chat.session.cache_bytes <= 200 * 1024 < unlimited.session.cache_bytes
 
 
 def test_budget_through_the_pipeline(pipe):
     from openbagel import BagelPipeline
 
-    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.config, max_cache_bytes=4096)
+    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.config, max_cache_bytes=16 * 512)
+    assert small.understand(None, "hi", max_new_tokens=2).text is not None  # a short text fits
     image = pipe.text_to_image("a cube", num_timesteps=2, seed=0).image
-    with pytest.raises(CacheBudgetError, match="over the KV-cache budget of 4.0 KiB"):
-        small.understand(image, "what is it?")
+    with pytest.raises(
+        CacheBudgetError,
+        match=r"needs 27 tokens of KV cache \(13.5 KiB\), which would bring the conversation to 13.5 KiB, over the KV-cache budget of 8.0 KiB",
+    ):
+        small.understand(image, "what is it?")  # the image's ViT tokens and its 2 markers
     with pytest.raises(InvalidInputError, match="budget must be a positive number of bytes"):
         BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.config, max_cache_bytes=-1)
 
@@ -343,25 +378,35 @@ def test_bench_command_writes_records(tmp_path):
     }
     for r in records:
         assert r["config"] == "tiny" and r["median_s"] > 0 and r["speedup"] > 0 and r["peak_mem_mb"] > 100
+        assert r["extra"]["mem_increase_mb"] >= 0
     step = next(r for r in records if r["phase"] == "denoise_step")
     assert step["plain_median_s"] > 0 and step["gflop"] > 0 and 0 < step["compute_fraction"]
     decode = next(r for r in records if r["phase"] == "decode_long")
     assert decode["extra"]["context_tokens"] == 64 + 1 and decode["bound_tokens_per_s"] > 0
-    assert "speedup" in result.output and "of bandwidth bound" in result.output
+    assert "speedup" in result.output and "of the bandwidth bound" in result.output and "same code" in result.output
 
 
-def test_bench_refuses_7b_on_cpu_and_bad_input():
+def test_bench_accounts_7b_on_cpu_and_refuses_bad_input(tmp_path):
     from typer.testing import CliRunner
 
     from openbagel.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--config", "7b-mot", "--size", "512"])
-    assert result.exit_code == 2
-    assert "7b-mot does not run on a CPU" in result.output and "denoise_step_gflop_two_branches" in result.output
-    result = CliRunner().invoke(app, ["bench", "--config", "huge"])
-    assert result.exit_code == 2 and "unknown config 'huge'; choose from tiny, small, 7b-mot" in result.output
-    result = CliRunner().invoke(app, ["bench", "--config", "tiny", "--task", "paint"])
-    assert result.exit_code == 2 and "unknown task 'paint'" in result.output
+    out = tmp_path / "acc.json"
+    result = CliRunner().invoke(app, ["bench", "--config", "7b-mot", "--size", "512", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "not run on a CPU" in result.output
+    acc = json.loads(out.read_text())[0]
+    # 7B-MoT: 28 layers x 2 (k, v) x 4 KV heads x 128 x 2 bytes; 32x32 latent tokens at 512 px
+    assert acc["kv_bytes_per_token_bf16"] == 28 * 2 * 4 * 128 * 2 and acc["latent_tokens"] == 1024
+    assert 13e9 < acc["decode_bytes_per_token_bf16"] < 16e9  # about 7B active parameters
+    for args, message in (
+        (["--config", "huge"], "unknown config 'huge'; choose from tiny, small, 7b-mot"),
+        (["--config", "tiny", "--task", "paint"], "unknown task 'paint'"),
+        (["--config", "tiny", "--long-context", "-5"], "long context must be a whole number from 1 to 1000000"),
+        (["--config", "tiny", "--batch", "100"], "batch must be a whole number from 1 to 64"),
+    ):
+        result = CliRunner().invoke(app, ["bench", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 # --- static-shape decoding (torch.compile) ---------------------------------------------------

@@ -244,13 +244,12 @@ def generate_latents_batch(
                 queries[key] = BatchedQuery(model, [branches[k] for k in run], position_ids, special)
             out = queries[key].velocities(x[[j for j, _ in run]], t)
             v.update(zip(run, out))
-        for key in wanted:
-            if cache is None:
-                continue
-            if key in v:
-                cache.record(key, tf, v[key])
-            else:
-                v[key] = cache.predict(key, tf)
+        if cache is not None:  # each branch keeps its own history
+            for key in wanted:
+                if key in v:
+                    cache.record(key, tf, v[key])
+                else:
+                    v[key] = cache.predict(key, tf)
         new_x = []
         for j in range(len(sessions)):
             v_c, v_t = v[(j, FULL)], v.get((j, TEXT_FREE))
