@@ -581,10 +581,8 @@ def run_bench(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise InvalidInputError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
-    if step_cache is not None and steps - 1 <= step_cache.warmup:
-        log(
-            f"note: with {steps - 1} denoising steps and a warm-up of {step_cache.warmup}, the step cache skips nothing"
-        )
+    if step_cache is not None and all(step_cache.computes(i) for i in range(steps - 1)):
+        log(f"note: with {steps - 1} denoising steps and these --cache settings, the step cache skips no step")
     if model_dir is not None:
         from openbagel.pipeline import BagelPipeline
 
