@@ -222,7 +222,10 @@ def build_random(config: BagelConfig, dtype: torch.dtype, device: torch.device, 
     finally:
         torch.set_default_dtype(default)
     random_init(model, seed)
-    return model.to(dtype).eval(), vae.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if device.type == "cpu":
+        model.use_decoding_layout()  # as BagelPipeline does
+    return model, vae.to(dtype).eval()
 
 
 def special_ids(vocab: int) -> SpecialIds:

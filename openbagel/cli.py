@@ -95,7 +95,8 @@ CacheWarmupOpt = typer.Option(2, "--cache-warmup", help="With --cache: first ste
 CompileOpt = typer.Option(
     False,
     "--compile",
-    help="Decode text with static shapes through torch.compile (the first reply compiles; CUDA graphs on a GPU).",
+    help="Decode text with static shapes through torch.compile (the first reply compiles; CUDA graphs on a GPU). "
+    "Experimental: on a CPU it is no faster (benchmarks/RESULTS.md).",
 )
 KVBudgetOpt = typer.Option(
     None,

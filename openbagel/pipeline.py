@@ -364,6 +364,8 @@ class BagelPipeline:
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
         CacheBudget(max_cache_bytes)  # checks the value
         self.max_cache_bytes = max_cache_bytes
+        if self.device.type == "cpu":
+            model.use_decoding_layout()
         if max(tokenizer.ids.values()) >= config.llm.vocab_size:
             raise InvalidInputError(
                 f"the tokenizer's special ids {tokenizer.ids} exceed the model's vocabulary ({config.llm.vocab_size}); "

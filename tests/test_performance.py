@@ -442,3 +442,16 @@ def test_pipeline_compile_uses_the_static_decoder(pipe, monkeypatch):
     monkeypatch.setattr(StaticDecoder, "decode", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
     monkeypatch.setattr(pipe, "decoder", StaticDecoder(pipe.model))
     assert pipe.understand(None, "hello", max_new_tokens=5).text == answer and calls
+
+
+def test_decoding_layout_keeps_the_numbers():
+    from openbagel.bench import build_random, special_ids
+    from openbagel.config import preset
+
+    model, _ = build_random(preset("tiny-golden"), torch.float32, torch.device("cpu"))  # the layout is applied
+    head = model.language_model.lm_head.weight
+    assert head.stride() == (1, head.shape[0])  # column-major [vocab, D]
+    hidden = torch.randn(3, head.shape[1], generator=torch.Generator().manual_seed(0))
+    ref = hidden @ head.contiguous().T
+    torch.testing.assert_close(model.logits(hidden), ref, rtol=1e-5, atol=1e-5)
+    assert special_ids(300).eos == 297

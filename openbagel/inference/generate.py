@@ -75,7 +75,7 @@ def decode_tokens(
             ctx.rope += 1
             pos += 1
         logits = model.logits(hidden[-1:])[0]
-        if not torch.isfinite(logits).all():
+        if not torch.isfinite(logits.sum()):  # one reduction: NaN or Inf anywhere shows in the sum
             raise NumericalError("the model produced NaN/Inf logits; the weights or the settings are out of range")
         if on_logits is not None:
             on_logits(logits)
