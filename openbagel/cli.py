@@ -312,7 +312,7 @@ def generate(
 
     def body():
         check_output(output)
-        _step_cache(cache, cache_interval, cache_order, cache_warmup)
+        step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget)
         result = pipe.text_to_image(
@@ -323,7 +323,7 @@ def generate(
             think=think,
             progress=True,
             **sampling,
-            step_cache=_step_cache(cache, cache_interval, cache_order, cache_warmup),
+            step_cache=step_cache,
         )
         _write_result(result, output)
 
@@ -369,7 +369,7 @@ def edit(
         from openbagel.pipeline import style_instruction
 
         check_output(output)
-        _step_cache(cache, cache_interval, cache_order, cache_warmup)
+        step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         prompt = style_instruction(instruction, style)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
@@ -383,7 +383,7 @@ def edit(
             think=think,
             progress=True,
             **sampling,
-            step_cache=_step_cache(cache, cache_interval, cache_order, cache_warmup),
+            step_cache=step_cache,
         )
         _write_result(result, output)
 
@@ -442,7 +442,7 @@ def frames(
         if fps is not None and not 0 < fps <= 240:
             raise InvalidInputError(f"--fps must be in (0, 240], got {fps}")
         check_clip_output(output)
-        _step_cache(cache, cache_interval, cache_order, cache_warmup)
+        step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         source = read_clip(clip)
         _check_image_settings(model, device, dtype, "edit", None, None, seed, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget)
@@ -453,7 +453,7 @@ def frames(
             seed=seed,
             progress=True,
             **sampling,
-            step_cache=_step_cache(cache, cache_interval, cache_order, cache_warmup),
+            step_cache=step_cache,
         )
         frames_out = result.images
         if include_input:  # at the predicted frames' size

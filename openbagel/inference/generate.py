@@ -22,7 +22,7 @@ from openbagel.inference.sampling import (
     euler_step,
     flow_schedule,
     guidance_active,
-    sample_token,
+    next_token,
 )
 from openbagel.inference.session import FULL, IMAGE_FREE, TEXT_FREE, Context, Session, append
 from openbagel.inference.static_decode import StaticDecoder
@@ -75,11 +75,7 @@ def decode_tokens(
             ctx.rope += 1
             pos += 1
         logits = model.logits(hidden[-1:])[0]
-        if not torch.isfinite(logits.sum()):  # one reduction: NaN or Inf anywhere shows in the sum
-            raise NumericalError("the model produced NaN/Inf logits; the weights or the settings are out of range")
-        if on_logits is not None:
-            on_logits(logits)
-        token = sample_token(logits, params, generator)
+        token = next_token(logits, params, generator, on_logits)
         if token == special.eos:
             return
         if not plain:

@@ -4,13 +4,14 @@ classifier-free guidance with renormalisation (spec sections 5 and 6)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from openbagel.config import ImageSampling, RenormType
-from openbagel.errors import InvalidInputError
+from openbagel.errors import InvalidInputError, NumericalError
 
 __all__ = [
     "ImageSampling",
@@ -19,6 +20,7 @@ __all__ = [
     "euler_step",
     "flow_schedule",
     "guidance_active",
+    "next_token",
     "sample_token",
 ]
 
@@ -73,6 +75,24 @@ def sample_token(logits: Tensor, params: TextSampling, generator: torch.Generato
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     device = generator.device if generator is not None else probs.device
     return int(torch.multinomial(probs.to(device), 1, generator=generator))
+
+
+def next_token(
+    logits: Tensor,
+    params: TextSampling,
+    generator: torch.Generator | None = None,
+    on_logits: Callable[[Tensor], None] | None = None,
+) -> int:
+    """One decoding step's choice: check the ``[vocab]`` logits, report them, sample.
+
+    Raises:
+        NumericalError: NaN/Inf logits.
+    """
+    if not torch.isfinite(logits.sum()):  # one reduction: NaN or Inf anywhere shows in the sum
+        raise NumericalError("the model produced NaN/Inf logits; the weights or the settings are out of range")
+    if on_logits is not None:
+        on_logits(logits)
+    return sample_token(logits, params, generator)
 
 
 # --- flow -------------------------------------------------------------------------

@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from openbagel.errors import NumericalError
-from openbagel.inference.sampling import TextSampling, sample_token
+from openbagel.inference.sampling import TextSampling, next_token
 from openbagel.inference.session import Context
 from openbagel.model.attention import AttnMask, attention
 from openbagel.model.bagel import Bagel
@@ -94,11 +93,7 @@ class StaticDecoder:
             logits = self.step(ids, pos, index, filled, cache.k, cache.v)
             cache.commit(1)
             ctx.rope += 1
-            if not torch.isfinite(logits.sum()):  # one reduction: NaN or Inf anywhere shows in the sum
-                raise NumericalError("the model produced NaN/Inf logits; the weights or the settings are out of range")
-            if on_logits is not None:
-                on_logits(logits)
-            token = sample_token(logits, params, generator)
+            token = next_token(logits, params, generator, on_logits)
             if token == special.eos:
                 return
             ids.fill_(token)
