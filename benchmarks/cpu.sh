@@ -2,7 +2,8 @@
 # The CPU numbers of benchmarks/RESULTS.md, with nothing else running
 # (about 15 minutes on 2 cores). Writes one JSON per command to OUT_DIR.
 #
-#   benchmarks/cpu.sh [OUT_DIR]          # default benchmarks/results
+#   OPENBAGEL=.venv/bin/openbagel benchmarks/cpu.sh [OUT_DIR]     # default benchmarks/results
+# (OPENBAGEL: the openbagel command, default the one on PATH)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$here/benchmarks/results}"
@@ -23,4 +24,9 @@ for i in 2 3; do
         --json "$out/shapes-cache-interval$i.json"
 done
 $ob eval shapes --items 50 --steps 50 --json "$out/shapes-eval-steps50.json"
-$ob eval shapes --items 50 --steps 50 --cache --cache-interval 3 --json "$out/shapes-eval-steps50-cache3.json"
+for i in 2 3; do
+    $ob eval shapes --items 50 --steps 50 --cache --cache-interval "$i" --json "$out/shapes-eval-steps50-cache$i.json"
+done
+# static-shape decoding through torch.compile (compiles in the warm-up run)
+$ob bench --config small --task understand --size 256 --decode-tokens 32 --long-context 9000 --runs 3 --compile \
+    --json "$out/small-understand-compile.json"

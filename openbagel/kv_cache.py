@@ -90,9 +90,9 @@ class CacheBudget:
         after = self.allocated - old_bytes + new_bytes
         if self.max_bytes is not None and after > self.max_bytes:
             raise CacheBudgetError(
-                f"this context needs {need} token{'s' * (need != 1)} of KV cache "
-                f"({format_bytes(need * bytes_per_token)}), which "
-                f"would bring the conversation to {format_bytes(after)}, over the KV-cache budget of "
+                f"this context would hold {need} token{'s' * (need != 1)} of KV cache "
+                f"({format_bytes(need * bytes_per_token)}), bringing "
+                f"the conversation to {format_bytes(after)}, over the KV-cache budget of "
                 f"{format_bytes(self.max_bytes)}; raise the budget (--kv-cache-budget), or use smaller images, "
                 "shorter texts, fewer images per call or a new conversation"
             )

@@ -256,7 +256,7 @@ def test_budget_refuses_and_keeps_the_conversation(pipe):
     with pytest.raises(CacheBudgetError) as e:
         s.add_text(list(range(10, 28)))
     assert str(e.value).startswith(
-        "this context needs 42 tokens of KV cache (21.0 KiB), which would bring the conversation to 21.0 KiB, "
+        "this context would hold 42 tokens of KV cache (21.0 KiB), bringing the conversation to 21.0 KiB, "
         "over the KV-cache budget of 20.0 KiB; raise the budget (--kv-cache-budget)"
     )
     assert s.cached_tokens == 22  # refused before anything was added
@@ -288,7 +288,7 @@ def test_budget_through_the_pipeline(pipe):
     image = pipe.text_to_image("a cube", num_timesteps=2, seed=0).image
     with pytest.raises(
         CacheBudgetError,
-        match=r"needs 27 tokens of KV cache \(13.5 KiB\), which would bring the conversation to 13.5 KiB, over the KV-cache budget of 8.0 KiB",
+        match=r"would hold 27 tokens of KV cache \(13.5 KiB\), bringing the conversation to 13.5 KiB, over the KV-cache budget of 8.0 KiB",
     ):
         small.understand(image, "what is it?")  # the image's ViT tokens and its 2 markers
     with pytest.raises(InvalidInputError, match="budget must be a positive number of bytes"):
