@@ -13,7 +13,11 @@
 #
 # It runs openbagel from this checkout (PYTHONPATH) with the machine's own
 # Python and torch; packages missing there can come as wheels in .whl/
-# (installed into /tmp/site first, see the device notes).
+# (installed into /tmp/site first, see the device notes). The project's GPU
+# machine (Python 3.12, torch 2.11) lacks diffusers (the autoencoder) and its importlib-metadata:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       -d .whl diffusers==0.42.1 importlib-metadata==10.2.0
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$here/benchmarks/gpu-results}"
