@@ -47,17 +47,10 @@ from openbagel.packing import SpecialIds, flattened_position_ids, patchify, unpa
 CONFIGS = {"tiny": "tiny-golden", "small": "small", "7b-mot": "7b-mot"}
 TASKS = ("t2i", "edit", "understand")
 
-#: The reference app's defaults: text to image and editing (``num_timesteps`` set by ``--steps``).
-T2I_SAMPLING = ImageSampling(
-    timestep_shift=3.0, guidance_scale=4.0, image_guidance_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"
-)
-EDIT_SAMPLING = ImageSampling(
-    timestep_shift=3.0,
-    guidance_scale=4.0,
-    image_guidance_scale=2.0,
-    cfg_interval=(0.0, 1.0),
-    cfg_renorm_type="text_channel",
-)
+#: The reference app's defaults, as the published config has them: text to
+#: image and editing (``num_timesteps`` is set by ``--steps``).
+T2I_SAMPLING = preset("7b-mot").t2i.sampling
+EDIT_SAMPLING = preset("7b-mot").edit.sampling
 
 
 @dataclass
@@ -289,6 +282,29 @@ class Setup:
         pos = flattened_position_ids(side // p, side // p, cfg.vit_max_num_patch_per_side, cfg.position_mode)
         return patchify(pixels, p).to(self.device, self.model.dtype), pos
 
+    @property
+    def never_stop(self) -> SpecialIds:
+        """Special ids whose end token never comes: random weights decode the full count."""
+        return replace(self.special, eos=-1)
+
+    def sampling(self, task: str) -> ImageSampling:
+        return replace(T2I_SAMPLING if task == "t2i" else EDIT_SAMPLING, num_timesteps=self.steps)
+
+    def prefill(self, task: str) -> Session:
+        """The context of ``task``: the prompt, after a VAE + ViT image (edit) or a ViT image (understand)."""
+        session = Session(self.model, self.special)
+        if task == "edit":
+            session.add_vae_image(*self.image_latents())
+        if task in ("edit", "understand"):
+            session.add_vit_image(*self.vit_patches())
+        session.add_text(self.prompt())
+        return session
+
+    def decode_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent tokens ``[h*w, C]`` -> the VAE's image ``[1, 3, size, size]``."""
+        down, p = self.config.latent_downsample, self.config.latent_patch_size
+        return self.vae.decode(unpatchify(latent, self.size // down, self.size // down, p)[None])
+
     def noises(self) -> list[torch.Tensor]:
         return [
             draw_noise(self.model, self.size, self.size, torch.Generator().manual_seed(10 + k))
@@ -316,23 +332,18 @@ class _Phases:
 def _image_task(setup: Setup, task: str, plain: bool, step_cache=None) -> tuple[_Phases, tuple]:
     """One run of text to image or edit: its phases, and the latents and decoded images."""
     s = setup
-    params = replace(T2I_SAMPLING if task == "t2i" else EDIT_SAMPLING, num_timesteps=s.steps)
     phase = _Phases(s.device)
     noises = s.noises()
     with torch.inference_mode():
         with phase("prefill"):
-            session = Session(s.model, s.special)
-            if task == "edit":
-                session.add_vae_image(*s.image_latents())
-                session.add_vit_image(*s.vit_patches())
-            session.add_text(s.prompt())
+            session = s.prefill(task)
         with phase("denoise_step", units=s.steps - 1):
             latents = generate_latents_batch(
-                s.model, [session] * s.batch, s.size, s.size, params, noises, plain=plain, step_cache=step_cache
-            )
-        down, p = s.config.latent_downsample, s.config.latent_patch_size
+                s.model, [session] * s.batch, s.size, s.size, s.sampling(task), noises, plain=plain,
+                step_cache=step_cache,
+            )  # fmt: skip
         with phase("vae_decode", units=s.batch):
-            images = [s.vae.decode(unpatchify(lat, s.size // down, s.size // down, p)[None]) for lat in latents]
+            images = [s.decode_image(lat) for lat in latents]
     return phase, (latents, images)
 
 
@@ -351,19 +362,16 @@ def _filled_session(s: Setup, tokens: int) -> Session:
 def _understand(s: Setup, plain: bool) -> tuple[_Phases, int]:
     """Prefill of one image + prompt, decoding at that context, and decoding after ``long_context`` tokens."""
     params = TextSampling(max_new_tokens=s.decode_tokens)
-    never_stop = replace(s.special, eos=-1)  # random weights: always decode the full count
     phase = _Phases(s.device)
     with torch.inference_mode():
         with phase("prefill"):
-            session = Session(s.model, s.special)
-            session.add_vit_image(*s.vit_patches())
-            session.add_text(s.prompt())
+            session = s.prefill("understand")
         for name, sess in (("decode", session), ("decode_long", _filled_session(s, s.long_context))):
             with phase(name, units=s.decode_tokens):
                 # the plain path copies the context to decode in, as the reference does
                 ctx = sess.full.fork() if plain else sess.decoding_context(s.decode_tokens)
                 static = None if plain else s.static
-                for _ in decode_tokens(s.model, ctx, never_stop, params, plain=plain, static=static):
+                for _ in decode_tokens(s.model, ctx, s.never_stop, params, plain=plain, static=static):
                     pass
     return phase, session.full.cache.length
 
@@ -478,32 +486,23 @@ def _step_cache_record(s: Setup, task: str, runs: int, machine: dict, uncached: 
 
 def _flops(s: Setup, task: str) -> dict[str, float]:
     """FLOPs per unit of each phase on the fast path (one counted run of each)."""
+    out: dict = {}
     with torch.inference_mode():
-        session = Session(s.model, s.special)
+        prefill = count_flops(lambda: out.setdefault("session", s.prefill(task)))
+        session = out["session"]
         if task == "understand":
-            prefill = count_flops(lambda: (session.add_vit_image(*s.vit_patches()), session.add_text(s.prompt())))
-            ctx = session.decoding_context(1)
-            one = TextSampling(max_new_tokens=1)
-            decode = count_flops(lambda: list(decode_tokens(s.model, ctx, replace(s.special, eos=-1), one)))
-            return {"prefill": prefill, "decode": decode}
-
-        def build() -> None:
-            if task == "edit":
-                session.add_vae_image(*s.image_latents())
-                session.add_vit_image(*s.vit_patches())
-            session.add_text(s.prompt())
-
-        prefill = count_flops(build)
-        params = replace(T2I_SAMPLING if task == "t2i" else EDIT_SAMPLING, num_timesteps=s.steps)
-        out: dict = {}
+            ctx, one = session.decoding_context(1), TextSampling(max_new_tokens=1)
+            return {
+                "prefill": prefill,
+                "decode": count_flops(lambda: list(decode_tokens(s.model, ctx, s.never_stop, one))),
+            }
+        params = s.sampling(task)
         denoise = count_flops(
             lambda: out.setdefault(
                 "latents", generate_latents_batch(s.model, [session] * s.batch, s.size, s.size, params, s.noises())
             )
         )
-        down, p = s.config.latent_downsample, s.config.latent_patch_size
-        lat = unpatchify(out["latents"][0], s.size // down, s.size // down, p)[None]
-        vae = count_flops(lambda: s.vae.decode(lat))
+        vae = count_flops(lambda: s.decode_image(out["latents"][0]))
     return {"prefill": prefill, "denoise_step": denoise / (s.steps - 1), "vae_decode": vae}
 
 
@@ -605,10 +604,7 @@ def run_bench(
             for k, v in acc.items():
                 log(f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}")
             if json_path is not None:
-                from openbagel.fileio import write_atomically
-
-                text = json.dumps([{"config": config, "task": "accounting", "size": size, **acc}], indent=1)
-                write_atomically(Path(json_path), lambda tmp: Path(tmp).write_text(text))
+                write_json([{"config": config, "task": "accounting", "size": size, **acc}], json_path)
             return []
         name = config
         log(f"building {config} with random weights ({dt}, {dev}) ...")
@@ -654,10 +650,15 @@ def run_bench(
 
 
 def write_records(records: list[Record], path: Path) -> None:
+    write_json([asdict(r) for r in records], path)
+
+
+def write_json(data: list[dict], path: Path) -> None:
+    """``data`` as a JSON list at ``path``, written whole or not at all."""
     from openbagel.fileio import write_atomically
 
-    data = json.dumps([asdict(r) for r in records], indent=1, default=float)
-    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(data))
+    text = json.dumps(data, indent=1, default=float)
+    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def format_table(records: list[Record]) -> str:

@@ -75,6 +75,11 @@ class CacheBudget:
     #: With a budget, caches grow to what they need rounded up to this many tokens (no doubling).
     STEP = 64
 
+    @staticmethod
+    def rounded(tokens: int) -> int:
+        """``tokens`` rounded up to a multiple of :attr:`STEP` (at least one step)."""
+        return max(CacheBudget.STEP, -(-tokens // CacheBudget.STEP) * CacheBudget.STEP)
+
     def room(self, freed: int, bytes_per_token: int) -> int | None:
         """Tokens a cache could hold if it freed ``freed`` bytes (None: no limit)."""
         if self.max_bytes is None:
@@ -154,11 +159,6 @@ class KVCache:
         """Bytes allocated for keys and values."""
         return self.bytes_per_token * self.capacity
 
-    @property
-    def used_bytes(self) -> int:
-        """Bytes holding the ``length`` cached tokens."""
-        return self.bytes_per_token * self.length
-
     def _freed_by_growing(self) -> int:
         # a shared child's storage belongs to its parent and is not freed by growing
         return self.nbytes if self.k.dim() == 4 and self._parent is None else 0
@@ -190,8 +190,7 @@ class KVCache:
         if room is None:
             new_cap = max(need, 2 * self.capacity)  # amortised O(1) per token
         else:  # what is needed, a little more if it fits
-            step = CacheBudget.STEP
-            new_cap = max(need, min(-(-need // step) * step, room))
+            new_cap = max(need, min(CacheBudget.rounded(need), room))
         self._allocate((self.k.shape[0], new_cap, *self.k.shape[2:]), copy=self.length, need=need)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,8 +226,7 @@ class KVCache:
         new = KVCache.__new__(KVCache)
         new.budget, new.length, new._parent, new._parent_length = self.budget, length, None, 0
         new.k = new.v = self.k.new_empty(0)
-        step = CacheBudget.STEP
-        new._allocate((self.k.shape[0], max(step, -(-length // step) * step), *self.k.shape[2:]), copy=0, need=length)
+        new._allocate((self.k.shape[0], CacheBudget.rounded(length), *self.k.shape[2:]), copy=0, need=length)
         new.k[:, :length] = self.k[:, :length]
         new.v[:, :length] = self.v[:, :length]
         return new

@@ -142,7 +142,7 @@ def _noises(model: Bagel, s: ImageSettings, seed, total: int) -> list[torch.Tens
         if len(seed) != total:
             raise InvalidInputError(f"{len(seed)} seeds given for {total} images; give one seed per image or one seed")
         seeds = list(seed)
-    elif seed is not None and total > 1:
+    elif seed is not None:
         seeds = [seed + k for k in range(total)]
     else:
         return [draw_noise(model, s.height, s.width, s.generator) for _ in range(total)]
@@ -164,6 +164,11 @@ def _single_seed(seed, generator):
 MAX_BATCH = 64
 
 
+def _check_step_cache(step_cache) -> None:
+    if step_cache is not None and not isinstance(step_cache, StepCacheSettings):
+        raise InvalidInputError("step_cache must be a StepCacheSettings (or None)")
+
+
 def _check_batch(prompts: int, per_prompt, step_cache) -> int:
     """``per_prompt`` checked (a whole number, at most :data:`MAX_BATCH` images in all), and ``step_cache``'s type."""
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or not 1 <= per_prompt <= MAX_BATCH:
@@ -174,8 +179,7 @@ def _check_batch(prompts: int, per_prompt, step_cache) -> int:
         raise InvalidInputError(
             f"{prompts} prompts x {per_prompt} images is more than {MAX_BATCH} images in one call; split the batch"
         )
-    if step_cache is not None and not isinstance(step_cache, StepCacheSettings):
-        raise InvalidInputError("step_cache must be a StepCacheSettings (or None)")
+    _check_step_cache(step_cache)
     return per_prompt
 
 
@@ -638,7 +642,7 @@ class BagelPipeline:
             frames = [frames]
         if not frames:
             raise InvalidInputError("predict_frames needs at least one frame")
-        _check_batch(1, 1, step_cache)
+        _check_step_cache(step_cache)
         for name, v in (("num_frames", num_frames), ("context_frames", context_frames)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
@@ -853,7 +857,7 @@ class Chat:
         s = settings or pipe.image_settings(pipe.config.t2i)
         if not isinstance(s, ImageSettings):
             raise InvalidInputError("settings must come from pipe.image_settings(...)")
-        _check_batch(1, 1, step_cache)
+        _check_step_cache(step_cache)
         with self.session.transaction():
             reasoning = self._think(max_think_tokens) if think else None
             noise = draw_noise(pipe.model, s.height, s.width, s.generator)

@@ -153,14 +153,14 @@ class Bagel(nn.Module):
     def decode_step(self, ids: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         """Hidden states ``[n, D]`` of ``n`` text tokens after the cache (one decoded token: ``n = 1``).
 
-        The decoding fast path: no packed segment is built. With ``n = 1`` the
-        query sees every cached key, so no mask either; the caller commits.
+        The decoding fast path: no packed segment is built (and a single
+        causal query needs no mask, see :func:`~openbagel.model.attention.attention`);
+        the caller commits.
 
         Args:
             ids: ``[n]`` int64 token ids. positions: ``[n]`` int64 rotary positions.
         """
-        mask = AttnMask.full() if ids.shape[0] == 1 else AttnMask.causal()
-        return self.language_model.model(self.embed_text(ids), positions, mask, ids.shape[0], cache)
+        return self.language_model.model(self.embed_text(ids), positions, AttnMask.causal(), ids.shape[0], cache)
 
     @torch.no_grad()
     def use_decoding_layout(self) -> None:
