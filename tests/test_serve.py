@@ -539,6 +539,29 @@ def test_queue_is_bounded_and_drains():
     asyncio.run(main())
 
 
+def test_queue_depth_never_exceeds_the_queue_at_a_slot_handover():
+    async def main():
+        e = _engine(max_queue=1)
+        gate = threading.Event()
+        e.admit()
+        first = asyncio.ensure_future(e.run(lambda job: gate.wait(5) and "a", Job()))
+        e.admit()
+        second = asyncio.ensure_future(e.run(lambda job: gate.wait(5) and "b", Job()))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first  # the slot is free; the second request has not resumed to take it yet
+        assert (e.running, e.waiting) == (0, 1)
+        e.admit()  # a third fits: one running soon, one waiting
+        assert e.queue_depth == 1 and e.waiting == 2
+        with pytest.raises(QueueFull):
+            e.admit()
+        third = asyncio.ensure_future(e.run(lambda job: "c", Job()))
+        assert await second == "b" and await third == "c"
+        assert e.queue_depth == 0
+
+    asyncio.run(main())
+
+
 def test_disconnect_while_waiting_leaves_the_queue():
     async def main():
         e = _engine(max_queue=2)

@@ -242,8 +242,18 @@ class Engine:
         self._slots.release()
         self._gauges()
 
+    @property
+    def queue_depth(self) -> int:
+        """Admitted requests that cannot start now for want of a slot.
+
+        Not ``waiting`` itself: a finished job frees its slot a moment before
+        the next request resumes to take it, and a request admitted in between
+        would otherwise show one more waiting than the queue holds.
+        """
+        return max(0, self.waiting + self.running - self.max_concurrency)
+
     def _gauges(self) -> None:
-        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.queue_depth.set(self.queue_depth)
         self.metrics.in_flight.set(self.running)
 
     def close(self) -> None:
