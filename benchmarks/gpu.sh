@@ -8,6 +8,7 @@
 # The whole script stays inside 8 minutes (timeouts below).
 #
 #   benchmarks/gpu.sh [OUT_DIR]                      # on a CUDA machine
+#   SET=memory benchmarks/gpu.sh [OUT_DIR]           # --quant int8 / nf4 and --offload layers instead
 #   CONFIG=small SIZE=256 DEVICE=cpu DTYPE=float32 STEPS=10 PYTHON=.venv/bin/python benchmarks/gpu.sh /tmp/out
 #                                                    # the same script on a CPU
 #
@@ -44,8 +45,16 @@ run() {  # run NAME SECONDS ARGS...: one task, its own JSON, cut at SECONDS
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "$name: exit $rc; see $out/$name.log (and $out/$name.json for what it measured)"; status=1; }
 }
-run t2i 170 --task t2i --steps "$STEPS"
-run edit 170 --task edit --steps "$STEPS"
-run understand 110 --task understand --decode-tokens 64 --long-context 9000
+if [ "${SET:-speed}" = memory ]; then
+    # the memory modes against bf16 (weights on the device, working memory, time per step, latent error);
+    # needs torchao and bitsandbytes wheels in .whl/ as well
+    run t2i-int8 200 --task t2i --steps 10 --quant llm=int8
+    run t2i-nf4-offload 250 --task t2i --steps 10 --quant llm=nf4 --offload layers
+    run t2i-offload 200 --task t2i --steps 10 --offload layers
+else
+    run t2i 170 --task t2i --steps "$STEPS"
+    run edit 170 --task edit --steps "$STEPS"
+    run understand 110 --task understand --decode-tokens 64 --long-context 9000
+fi
 echo "results: $out"
 exit $status

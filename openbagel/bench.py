@@ -253,6 +253,7 @@ class Setup:
     long_context: int
     step_cache: StepCacheSettings | None
     static: object | None = None  # a compiled StaticDecoder for the fast path
+    variants: dict = field(default_factory=dict)  # memory modes (--quant, --offload): name -> model
     tokenizer: object | None = None  # a checkpoint's: real prompts instead of random ids
     prompt_text: str = ""
 
@@ -352,8 +353,8 @@ def _filled_session(s: Setup, tokens: int) -> Session:
     session = Session(s.model, s.special, capacity=tokens + s.decode_tokens + 8)
     cache = session.full.cache
     g = torch.Generator(s.device).manual_seed(4)
-    cache.k[:, :tokens].normal_(generator=g)
-    cache.v[:, :tokens].normal_(generator=g)
+    for t in cache.k + cache.v:
+        t[:tokens].normal_(generator=g)
     cache.commit(tokens)
     session.full.rope = tokens
     return session
@@ -425,7 +426,72 @@ def run_task(
     records = _records(s, task, fast, plain_, context_tokens, _flops(s, task), machine)
     if s.step_cache is not None and task != "understand":
         records.append(_step_cache_record(s, task, runs, machine, fast))
+    for mode, model in s.variants.items():
+        records += _memory_mode_records(s, task, runs, machine, fast, mode, model)
+        log(f"  {task}: {mode} done")
     return records
+
+
+def _memory_mode_records(
+    s: Setup, task: str, runs: int, machine: dict, baseline: _Samples, mode: str, model: Bagel
+) -> list[Record]:
+    """The fast path with the weights stored or placed another way (``--quant``, ``--offload``), against
+    the same path with the plain model: time per phase, working memory, weight bytes, latent error."""
+    from openbagel.quantize import module_bytes
+
+    variant = replace(s, model=model, static=None, step_cache=None)
+    samples, outputs = _Samples(), None
+    for rep in range(runs + 1):
+        phases, out = _understand(variant, False) if task == "understand" else _image_task(variant, task, False)
+        if rep:
+            samples.add(phases)
+            outputs = out
+    extra = {"baseline": "fast path, plain weights", "weights_mb": _resident_bytes(model) / 2**20}
+    extra["baseline_weights_mb"] = module_bytes(s.model) / 2**20
+    if task != "understand":
+        _, (ref_latents, _) = _image_task(s, task, False)
+        extra["latent_rel_error"] = max(float((a - b).norm() / b.norm()) for a, b in zip(outputs[0], ref_latents))
+    records = []
+    for ph, ts in samples.times.items():
+        med, base = statistics.median(ts), statistics.median(baseline.times[ph])
+        r = Record(
+            s.name, task, f"{ph} [{mode}]", med, None, base / med, samples.peak[ph] / 2**20, None,
+            unit={"denoise_step": "step", "decode": "token", "decode_long": "token"}.get(ph, "call"),
+            extra={**extra, "baseline_median_s": base, "mem_increase_mb": samples.increase[ph] / 2**20},
+            machine=machine,
+        )  # fmt: skip
+        records.append(r)
+    return records
+
+
+def _resident_bytes(model: Bagel) -> int:
+    """Weight bytes kept on the device: all of them, or with offload all but the layers plus two of them."""
+    from openbagel.placement import describe_placement
+    from openbagel.quantize import module_bytes
+
+    total = module_bytes(model)
+    if (describe_placement(model) or "").startswith("offload"):
+        layers = model.language_model.model.layers
+        total -= module_bytes(layers) - 2 * module_bytes(layers[0])
+    return total
+
+
+def build_variants(model: Bagel, device: torch.device, quant=None, offload: bool = False) -> dict[str, Bagel]:
+    """The memory modes to compare: a quantized copy of ``model`` and/or an offloaded one (``name -> model``)."""
+    import copy
+
+    from openbagel.placement import LayerOffload
+    from openbagel.quantize import quantize_model
+
+    out = {}
+    if quant is not None and quant.active:
+        out[f"quant {quant}"] = quantize_model(copy.deepcopy(model), quant, device)
+    if offload:
+        base = out.get(f"quant {quant}", model) if quant is not None and quant.active else model
+        moved = copy.deepcopy(base).to("cpu")
+        LayerOffload(moved, device)
+        out["offload" + (f" + {quant}" if quant is not None and quant.active else "")] = moved
+    return out
 
 
 def _records(s: Setup, task, fast: _Samples, plain: _Samples, context_tokens, flops, machine) -> list[Record]:
@@ -555,12 +621,17 @@ def run_bench(
     compile: bool = False,
     prompt: str = "a red circle above a blue square",
     log: Callable[[str], None] = print,
+    quant: str | None = None,
+    offload: str | None = None,
 ) -> list[Record]:
     """Run the benchmark; returns the records (and writes them to ``json_path`` as a JSON list).
 
     With ``model_dir``, prompts are ``prompt`` through the checkpoint's
     tokenizer (random token ids otherwise). ``compile`` decodes text on the fast path with the static-shape decoder
-    through ``torch.compile`` (compiled during the warm-up run).
+    through ``torch.compile`` (compiled during the warm-up run). ``quant``
+    (``"llm=int8"``...) and ``offload="layers"`` add the fast path with the
+    weights stored that way, against the plain weights (speed, working memory,
+    weight bytes on the device, latent error).
 
     Raises:
         InvalidInputError: unknown config or task, a size the model cannot
@@ -568,8 +639,12 @@ def run_bench(
             writes its FLOP/byte accounting and returns no records.)
     """
     from openbagel.pipeline import parse_device, parse_dtype
+    from openbagel.quantize import QuantSpec
 
     dev, dt = parse_device(device), parse_dtype(dtype)
+    spec = QuantSpec.parse(quant)
+    if offload not in (None, "layers"):
+        raise InvalidInputError(f"--offload must be 'layers', got {offload!r}")
     for t in tasks:
         if t not in TASKS:
             raise InvalidInputError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -618,6 +693,9 @@ def run_bench(
         name, model, vae, cfg, special, dev, size, steps, batch, prompt_tokens, decode_tokens_n, long_context,
         step_cache, tokenizer=tokenizer, prompt_text=prompt,
     )  # fmt: skip
+    if spec.active or offload:
+        log("building the memory modes ...")
+        setup.variants = build_variants(model, dev, spec, offload == "layers")
     if compile:
         from openbagel.inference.static_decode import StaticDecoder
 
@@ -665,7 +743,7 @@ def format_table(records: list[Record]) -> str:
     """The records as a text table: times in ms; memory in MiB, the phase's own working memory
     (peak minus what was in use when it began; the process's whole peak is in the JSON)."""
     head = (
-        f"{'config':<8} {'task':<10} {'phase':<20} {'fast ms':>9} {'plain ms':>9} {'speedup':>9} "
+        f"{'config':<8} {'task':<10} {'phase':<30} {'fast ms':>9} {'plain ms':>9} {'speedup':>9} "
         f"{'+MiB':>6} {'plain +MiB':>10}  notes"
     )
     lines = [head, "-" * len(head)]
@@ -679,10 +757,16 @@ def format_table(records: list[Record]) -> str:
             notes.append(
                 f"{r.tokens_per_s:.1f} tok/s = {r.bound_fraction:.0%} of the bandwidth bound ({r.bound_tokens_per_s:.1f})"
             )
-        if "latent_rel_error" in r.extra:
+        if "uncached_median_s" in r.extra:
             notes.append(
                 f"vs uncached {r.extra['uncached_median_s'] * 1e3:.1f} ms; latent error "
                 f"{r.extra['latent_rel_error']:.2%}, PSNR {r.extra['psnr_db']:.1f} dB"
+            )
+        if "weights_mb" in r.extra:
+            notes.append(
+                f"weights {r.extra['weights_mb']:.0f} MiB vs {r.extra['baseline_weights_mb']:.0f}; "
+                f"plain weights {r.extra['baseline_median_s'] * 1e3:.1f} ms"
+                + (f"; latent error {r.extra['latent_rel_error']:.2%}" if "latent_rel_error" in r.extra else "")
             )
         plain = "" if r.plain_median_s is None else f"{r.plain_median_s * 1e3:9.1f}"
         if r.extra.get("same_code_both_modes"):
@@ -692,7 +776,7 @@ def format_table(records: list[Record]) -> str:
         inc = r.extra.get("mem_increase_mb", 0)
         pinc = r.extra.get("plain_mem_increase_mb")
         lines.append(
-            f"{r.config[:8]:<8} {r.task:<10} {r.phase:<20} {r.median_s * 1e3:9.1f} {plain:>9} {speed:>9} "
+            f"{r.config[:8]:<8} {r.task:<10} {r.phase:<30} {r.median_s * 1e3:9.1f} {plain:>9} {speed:>9} "
             f"{inc:6.0f} {'' if pinc is None else f'{pinc:10.0f}':>10}  {'; '.join(notes)}"
         )
     if over:

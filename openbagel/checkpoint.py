@@ -140,7 +140,8 @@ def load_model(
     device: torch.device | str = "cpu",
     config: BagelConfig | None = None,
 ) -> Bagel:
-    """Build BAGEL on the meta device and load ``ema.safetensors`` strictly.
+    """Build BAGEL on the meta device and load ``ema.safetensors`` strictly
+    (or a quantized folder's weights, see :mod:`openbagel.quantize`, in their stored dtype).
 
     Args:
         folder: checkpoint folder (see :func:`resolve_checkpoint_dir`).
@@ -150,8 +151,12 @@ def load_model(
     Raises:
         CheckpointError: missing/corrupt files, or tensors that do not fit.
     """
+    from openbagel.quantize import load_quantized, read_quant_info
+
     folder = resolve_checkpoint_dir(folder)
     config = config or config_from_checkpoint(folder)
+    if read_quant_info(folder) is not None:
+        return load_quantized(folder, config, device)
     model = build_model(config)
     file = folder / MODEL_FILE
     sd = read_safetensors(file, dtype=dtype, device=device)

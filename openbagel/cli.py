@@ -32,8 +32,32 @@ ModelOpt = typer.Option(
     show_default=False,
 )
 AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.")
-DeviceOpt = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
-DtypeOpt = typer.Option("float32", "--dtype", help="Weights and activations: float32 or bfloat16.")
+DeviceOpt = typer.Option(
+    "cpu",
+    "--device",
+    help="Where to run: cpu, cuda, cuda:N or mps; several GPUs as cuda:0,cuda:1 (decoder layers split across them).",
+)
+DtypeOpt = typer.Option(
+    None,
+    "--dtype",
+    help="Weights and activations: float32 or bfloat16 (default float32; a quantized folder: the dtype it was saved in).",
+    show_default=False,
+)
+QuantOpt = typer.Option(
+    None,
+    "--quant",
+    help="Weight-only quantization per part: PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 "
+    "(e.g. llm=int8, or llm=nf4,vit=int8; a bare mode means llm=MODE). Default: none. "
+    "Save the result with openbagel quantize for a fast start.",
+    show_default=False,
+)
+OffloadOpt = typer.Option(
+    None,
+    "--offload",
+    help="layers: keep the decoder layers in CPU memory and copy each to the device just before it runs "
+    "(the next one meanwhile); fits small GPUs, slower. See openbagel plan.",
+    show_default=False,
+)
 SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
 # Defaults of sampling options come from the checkpoint's config; the values
 # quoted are those of BAGEL-7B-MoT.
@@ -189,12 +213,27 @@ def _write_result(result, output: Path) -> None:
     typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
 
 
-def _load(model: str | None, device: str, dtype: str, adapter: Path | None = None, kv_budget: str | None = None):
+def _load(
+    model: str | None,
+    device: str,
+    dtype: str | None,
+    adapter: Path | None = None,
+    kv_budget: str | None = None,
+    quant: str | None = None,
+    offload: str | None = None,
+):
     from openbagel.kv_cache import parse_bytes
     from openbagel.pipeline import BagelPipeline
+    from openbagel.placement import describe_placement
 
     budget = None if kv_budget is None else parse_bytes(kv_budget, "--kv-cache-budget")
-    return BagelPipeline.from_pretrained(model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget)
+    pipe = BagelPipeline.from_pretrained(
+        model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget, quant=quant, offload=offload
+    )
+    message = describe_placement(pipe.model)
+    if message:
+        typer.echo(message, err=True)
+    return pipe
 
 
 def _step_cache(cache: bool, interval: int, order: int, warmup: int):
@@ -210,10 +249,11 @@ def _config(model: str | None, device: str, dtype: str):
     request can be validated against before the weights load."""
     from openbagel.checkpoint import resolve_checkpoint_dir
     from openbagel.config import config_from_checkpoint
-    from openbagel.pipeline import DEFAULT_MODEL, parse_device, parse_dtype
+    from openbagel.pipeline import DEFAULT_MODEL, parse_devices, parse_dtype
 
-    parse_dtype(dtype)
-    parse_device(device)
+    if dtype is not None:
+        parse_dtype(dtype)
+    parse_devices(device)
     return config_from_checkpoint(resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model))
 
 
@@ -299,12 +339,14 @@ def generate(
     think: bool = ThinkOpt,
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
     cache: bool = CacheOpt,
     cache_interval: int = CacheIntervalOpt,
     cache_order: int = CacheOrderOpt,
     cache_warmup: int = CacheWarmupOpt,
     kv_cache_budget: Optional[str] = KVBudgetOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
 ) -> None:
     """Generate an image from a text prompt."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -314,7 +356,7 @@ def generate(
         check_output(output)
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
         result = pipe.text_to_image(
             prompt,
             height=height,
@@ -353,12 +395,14 @@ def edit(
     think: bool = ThinkOpt,
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
     cache: bool = CacheOpt,
     cache_interval: int = CacheIntervalOpt,
     cache_order: int = CacheOrderOpt,
     cache_warmup: int = CacheWarmupOpt,
     kv_cache_budget: Optional[str] = KVBudgetOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
 ) -> None:
     """Edit or restyle an image following an instruction."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -373,7 +417,7 @@ def edit(
         prompt = style_instruction(instruction, style)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
         result = pipe.edit(
             source,
             prompt,
@@ -422,12 +466,14 @@ def frames(
     renorm_min: Optional[float] = RenormMinOpt,
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
     cache: bool = CacheOpt,
     cache_interval: int = CacheIntervalOpt,
     cache_order: int = CacheOrderOpt,
     cache_warmup: int = CacheWarmupOpt,
     kv_cache_budget: Optional[str] = KVBudgetOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
 ) -> None:
     """Predict the next frames of a clip, one at a time (each predicted frame joins the context)."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -445,7 +491,7 @@ def frames(
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         source = read_clip(clip)
         _check_image_settings(model, device, dtype, "edit", None, None, seed, sampling)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
         result = pipe.predict_frames(
             source.frames,
             num_frames,
@@ -478,8 +524,10 @@ def understand(
     seed: Optional[int] = SeedOpt,
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
     kv_cache_budget: Optional[str] = KVBudgetOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
     compile_: bool = CompileOpt,
 ) -> None:
     """Answer a question about an image; the answer streams to stdout.
@@ -495,7 +543,7 @@ def understand(
         source = load_image(image)
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
         if compile_:
             pipe.compile(mode="reduce-overhead" if device.startswith("cuda") else None)
         kwargs = dict(
@@ -550,8 +598,10 @@ def chat(
     ),
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
     kv_cache_budget: Optional[str] = KVBudgetOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
     compile_: bool = CompileOpt,
 ) -> None:
     """Interactive multi-turn chat; images go in with /image PATH and come out with /generate."""
@@ -568,7 +618,7 @@ def chat(
             num_timesteps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
         )  # fmt: skip
         generator = make_generator(seed)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
         if compile_:
             pipe.compile(mode="reduce-overhead" if device.startswith("cuda") else None)
         conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
@@ -647,6 +697,103 @@ def train(
 
 
 @app.command()
+def quantize(
+    output: Path = typer.Option(..., "--output", "-o", help="New checkpoint folder for the quantized model."),
+    quant: str = typer.Option(
+        ..., "--quant", help="PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 (e.g. llm=nf4)."
+    ),
+    model: Optional[str] = ModelOpt,
+    adapter: Optional[Path] = AdapterOpt,
+    device: str = typer.Option(
+        "cpu", "--device", help="Where to quantize (cuda is faster; the result loads on any device the mode runs on)."
+    ),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Dtype of the unquantized parts and of the computation."),
+) -> None:
+    """Quantize a checkpoint once and save it: later loads (--model OUT) start without quantizing."""
+
+    def body():
+        from openbagel.checkpoint import resolve_checkpoint_dir
+        from openbagel.kv_cache import format_bytes
+        from openbagel.pipeline import DEFAULT_MODEL, BagelPipeline
+        from openbagel.quantize import QuantSpec, module_bytes, save_quantized
+
+        spec = QuantSpec.parse(quant)
+        if not spec.active:
+            raise InvalidInputError("--quant quantizes nothing; give a mode, for example --quant llm=int8")
+        if (output / "llm_config.json").exists():
+            raise InvalidInputError(f"{output} already holds a checkpoint; choose a new folder")
+        source = resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model)
+        pipe = BagelPipeline.from_pretrained(source, dtype=dtype, device=device, adapter=adapter, quant=spec)
+        save_quantized(pipe.model, spec, source, output)
+        typer.echo(f"wrote {output} ({spec}, {format_bytes(module_bytes(pipe.model))} of weights without the VAE)")
+
+    _run(body)
+
+
+@app.command()
+def plan(
+    gpu_mem: str = typer.Option(..., "--gpu-mem", help="Memory of each GPU, e.g. 24GB or 16GiB."),
+    model: Optional[str] = ModelOpt,
+    config_name: Optional[str] = typer.Option(
+        None,
+        "--config",
+        help="Plan a preset instead of a folder: 7b-mot, small, shapes (no files needed).",
+        show_default=False,
+    ),
+    quant: Optional[str] = typer.Option(
+        None,
+        "--quant",
+        help="Plan this quantization (PART=MODE,...) next to bfloat16; default: bfloat16, llm=int8 and llm=nf4.",
+        show_default=False,
+    ),
+    devices: int = typer.Option(1, "--devices", help="GPUs to split the decoder layers across."),
+    task: str = typer.Option("edit", "--task", help="The session to budget for: t2i, edit or understand."),
+    size: str = typer.Option("1024x1024", "--size", help="WxH of the generated (t2i) or input image."),
+    think: bool = typer.Option(False, "--think", help="The session reasons in text first."),
+    max_think_tokens: Optional[int] = typer.Option(
+        None, "--max-think-tokens", help="Reasoning length with --think (default: the model's).", show_default=False
+    ),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Tokens of the prompt text."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Dtype of the weights and activations."),
+) -> None:
+    """Print the memory each way of running the model needs on GPUs of a given size, before loading anything."""
+
+    def body():
+        from openbagel.checkpoint import resolve_checkpoint_dir
+        from openbagel.config import config_from_checkpoint, preset
+        from openbagel.kv_cache import parse_bytes
+        from openbagel.pipeline import DEFAULT_MODEL, THINK_GENERATE_PROMPT, THINK_UNDERSTAND_PROMPT, parse_dtype
+        from openbagel.plan import Workload, make_plan
+        from openbagel.quantize import QuantSpec, read_quant_info
+        from openbagel.tokenizer import Tokenizer
+
+        gpu = parse_bytes(gpu_mem, "--gpu-mem")
+        dt = parse_dtype(dtype)
+        height, width = _parse_size(size)
+        system = THINK_UNDERSTAND_PROMPT if task == "understand" else THINK_GENERATE_PROMPT
+        if config_name is not None:
+            if model is not None:
+                raise InvalidInputError("give --model or --config, not both")
+            config, stored = preset(config_name), None
+            system_tokens = len(system) // 4  # no tokenizer: about 4 characters per token
+        else:
+            folder = resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model)
+            config, stored = config_from_checkpoint(folder), read_quant_info(folder)
+            system_tokens = len(Tokenizer.from_folder(folder).encode(system))
+        if stored is not None:
+            specs = [stored[0]]
+        elif quant is not None:
+            specs = [QuantSpec(), QuantSpec.parse(quant)]
+        else:
+            specs = [QuantSpec(), QuantSpec(llm="int8"), QuantSpec(llm="nf4")]
+        workload = Workload(task, height, width, think, max_think_tokens, prompt_tokens)
+        result = make_plan(config, dt, gpu, workload, specs, devices, system_tokens)
+        typer.echo(result.table())
+
+    _run(body)
+
+
+@app.command()
 def serve(
     model: Optional[str] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
@@ -681,7 +828,9 @@ def serve(
         False, "--ui", help="Also serve the web UI at /ui (its requests bypass the API queue)."
     ),
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (images, edits, chat; /docs lists the routes)."""
 
@@ -705,8 +854,9 @@ def serve(
                 max_steps=max_steps, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
             )  # fmt: skip
             settings = ServeSettings(
-                model=model, model_name=model_name, dtype=dtype, device=device, api_key=api_key, max_queue=max_queue,
-                max_concurrency=max_concurrency, log_prompts=log_prompts, limits=limits, ui=with_ui,
+                model=model, model_name=model_name, dtype=dtype, device=device, quant=quant, offload=offload,
+                api_key=api_key, max_queue=max_queue, max_concurrency=max_concurrency, log_prompts=log_prompts,
+                limits=limits, ui=with_ui,
             )  # fmt: skip
         except ValueError as e:  # messages start with the setting's name
             name, _, rest = str(e).partition(" ")
@@ -728,7 +878,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(7860, "--port", help="TCP port."),
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Open the web UI (Gradio): Generate, Edit, Understand, Chat and Frames tabs."""
 
@@ -779,7 +929,7 @@ def eval_shapes(
     cache_order: int = CacheOrderOpt,
     cache_warmup: int = CacheWarmupOpt,
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """ShapesEval: text to image (seen and held-out combinations), questions,
     edits, style edits, next frame and thinking, scored by reading the images back."""
@@ -885,7 +1035,19 @@ def bench(
     compile_: bool = CompileOpt,
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quant: Optional[str] = typer.Option(
+        None,
+        "--quant",
+        help="Also run the fast path with the weights quantized (e.g. llm=int8) and compare.",
+        show_default=False,
+    ),
+    offload: Optional[str] = typer.Option(
+        None,
+        "--offload",
+        help="layers: also run with the decoder layers offloaded (prefetched) and compare.",
+        show_default=False,
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the records to this JSON file."),
     prompt: str = typer.Option(
         "a red circle above a blue square", "--prompt", help="With --model: the prompt (random token ids otherwise)."
@@ -906,8 +1068,9 @@ def bench(
             _check_json_output(json_out)
         tasks = TASKS if "all" in task else tuple(dict.fromkeys(task))
         run_bench(
-            config, tasks, size, steps, runs, batch, 32, decode_tokens, long_context, dtype, device, model,
+            config, tasks, size, steps, runs, batch, 32, decode_tokens, long_context, dtype or "float32", device, model,
             _step_cache(cache, cache_interval, cache_order, cache_warmup), json_out, compile_, prompt, log=typer.echo,
+            quant=quant, offload=offload,
         )  # fmt: skip
 
     _run(body)

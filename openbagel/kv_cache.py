@@ -112,14 +112,18 @@ class CacheBudget:
 
 
 class KVCache:
-    """Keys and values of all layers, ``[num_layers, capacity, num_kv_heads, head_dim]`` each.
+    """Keys and values of all layers: per layer, ``[capacity, num_kv_heads, head_dim]`` each.
+
+    Each layer's storage lives on the device that layer runs on (layers split
+    across devices keep their cache with them).
 
     Args:
         num_layers, num_kv_heads, head_dim: the decoder's shape.
         capacity: tokens preallocated (none with a budget); the cache grows
             when needed (doubling; with a budget, to what is needed, in steps
             of :attr:`CacheBudget.STEP` tokens).
-        dtype, device: of the stored tensors (those of the model's activations).
+        dtype: of the stored tensors (that of the model's activations).
+        device: where the storages go: one device, or one per layer.
         budget: shared limit on allocated bytes (default: unlimited).
     Raises:
         CacheBudgetError: the initial capacity exceeds the budget.
@@ -132,27 +136,40 @@ class KVCache:
         head_dim: int,
         capacity: int = 256,
         dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | list[torch.device] = "cpu",
         budget: CacheBudget | None = None,
     ):
         self.budget = budget or CacheBudget()
-        self.k = self.v = torch.empty(0, dtype=dtype, device=device)
+        devices = device if isinstance(device, (list, tuple)) else [device] * num_layers
+        if len(devices) != num_layers:
+            raise ValueError(f"{len(devices)} devices for {num_layers} layers")
+        self.k = [torch.empty(0, num_kv_heads, head_dim, dtype=dtype, device=d) for d in devices]
+        self.v = [t.new_empty(t.shape) for t in self.k]
         self.length = 0
         self._parent: KVCache | None = None  # set by share()
         self._parent_length = 0
         if self.budget.max_bytes is not None:  # a budgeted cache takes memory when it needs it, in small steps
             capacity = 0
-        self._allocate((num_layers, capacity, num_kv_heads, head_dim), copy=0, need=0)
+        self._allocate(capacity, copy=0, need=0)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def device(self) -> torch.device:
+        """The first layer's device (where the model's inputs go)."""
+        return self.k[0].device
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def bytes_per_token(self) -> int:
         """Key plus value bytes of one token over all layers."""
-        _, _, h, d = self.k.shape
-        return 2 * self.k.shape[0] * h * d * self.k.element_size()
+        _, h, d = self.k[0].shape
+        return 2 * self.num_layers * h * d * self.k[0].element_size()
 
     @property
     def nbytes(self) -> int:
@@ -161,18 +178,17 @@ class KVCache:
 
     def _freed_by_growing(self) -> int:
         # a shared child's storage belongs to its parent and is not freed by growing
-        return self.nbytes if self.k.dim() == 4 and self._parent is None else 0
+        return self.nbytes if self._parent is None else 0
 
-    def _allocate(self, shape: tuple[int, ...], copy: int, need: int) -> None:
-        layers, cap, h, d = shape
-        per_token = 2 * layers * h * d * self.k.element_size()
+    def _allocate(self, cap: int, copy: int, need: int) -> None:
+        per_token = self.bytes_per_token
         self.budget.check(self._freed_by_growing(), per_token * cap, need, per_token)
-        k = self.k.new_empty(shape)
-        v = self.v.new_empty(shape)
-        self.budget.track(k, per_token * cap)
+        k = [t.new_empty((cap, *t.shape[1:])) for t in self.k]
+        v = [t.new_empty((cap, *t.shape[1:])) for t in self.v]
+        self.budget.track(k[0], per_token * cap)  # the layers' storages live and die together
         if copy:
-            k[:, :copy] = self.k[:, :copy]
-            v[:, :copy] = self.v[:, :copy]
+            for new, old in zip(k + v, self.k + self.v):
+                new[:copy] = old[:copy]
         self.k, self.v = k, v
         self._parent = None  # own storage from now on
 
@@ -191,7 +207,7 @@ class KVCache:
             new_cap = max(need, 2 * self.capacity)  # amortised O(1) per token
         else:  # what is needed, a little more if it fits
             new_cap = max(need, min(CacheBudget.rounded(need), room))
-        self._allocate((self.k.shape[0], new_cap, *self.k.shape[2:]), copy=self.length, need=need)
+        self._allocate(new_cap, copy=self.length, need=need)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` ``[n, Hkv, D]`` after the cached tokens of ``layer``.
@@ -201,9 +217,9 @@ class KVCache:
         """
         n = k.shape[0]
         end = self.length + n
-        self.k[layer, self.length : end] = k
-        self.v[layer, self.length : end] = v
-        return self.k[layer, :end], self.v[layer, :end]
+        self.k[layer][self.length : end] = k
+        self.v[layer][self.length : end] = v
+        return self.k[layer][:end], self.v[layer][:end]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
         """Attention of ``q`` ``[n, H, D]`` over the cached tokens plus the new ``k``, ``v`` (written, not committed)."""
@@ -225,10 +241,11 @@ class KVCache:
             raise ValueError(f"fork length {length} outside 0..{self.length}")
         new = KVCache.__new__(KVCache)
         new.budget, new.length, new._parent, new._parent_length = self.budget, length, None, 0
-        new.k = new.v = self.k.new_empty(0)
-        new._allocate((self.k.shape[0], CacheBudget.rounded(length), *self.k.shape[2:]), copy=0, need=length)
-        new.k[:, :length] = self.k[:, :length]
-        new.v[:, :length] = self.v[:, :length]
+        new.k = [t.new_empty((0, *t.shape[1:])) for t in self.k]
+        new.v = [t.new_empty((0, *t.shape[1:])) for t in self.v]
+        new._allocate(CacheBudget.rounded(length), copy=0, need=length)
+        for dst, src in zip(new.k + new.v, self.k + self.v):
+            dst[:length] = src[:length]
         return new
 
     def share(self) -> KVCache:
@@ -255,8 +272,8 @@ class KVCache:
 
     def keys(self, layer: int) -> Tensor:
         """Cached keys of ``layer``, ``[length, Hkv, D]`` (post-rotary)."""
-        return self.k[layer, : self.length]
+        return self.k[layer][: self.length]
 
     def values(self, layer: int) -> Tensor:
         """Cached values of ``layer``, ``[length, Hkv, D]``."""
-        return self.v[layer, : self.length]
+        return self.v[layer][: self.length]

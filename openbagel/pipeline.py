@@ -33,6 +33,8 @@ from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE
 from openbagel.packing import flattened_position_ids, patchify, unpatchify
+from openbagel.placement import LayerOffload, is_placed, place_layers
+from openbagel.quantize import QuantSpec, quantize_model, read_quant_info
 from openbagel.tokenizer import Tokenizer
 
 #: System prompts of thinking mode, verbatim (the model was trained on them; spec section 7).
@@ -105,6 +107,21 @@ def parse_device(device: str | torch.device) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidInputError("device 'mps' requested but MPS is not available; use --device cpu")
     return dev
+
+
+def parse_devices(device: str | torch.device | Sequence[str | torch.device]) -> list[torch.device]:
+    """One device, or several: ``"cuda:0,cuda:1"`` or a list (the first holds the inputs and outputs).
+
+    Raises:
+        InvalidInputError: an unknown or unavailable device, or one named twice.
+    """
+    items = device.split(",") if isinstance(device, str) else [device] if isinstance(device, torch.device) else device
+    devices = [parse_device(d.strip() if isinstance(d, str) else d) for d in items]
+    if not devices:
+        raise InvalidInputError("no device given; use cpu, cuda, cuda:N or a list such as cuda:0,cuda:1")
+    if len(devices) > 1 and len(set(devices)) < len(devices):
+        raise InvalidInputError(f"device list {device!r} names a device twice; name each device once")
+    return devices
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -356,6 +373,12 @@ class BagelPipeline:
     #: Set by :meth:`compile`: text decoding with static shapes.
     decoder: StaticDecoder | None = None
 
+    #: How the weights are stored (set by :meth:`from_pretrained`).
+    quant: QuantSpec = QuantSpec()
+
+    #: The decoder layers' offload (``offload="layers"``), else None.
+    offload: LayerOffload | None = None
+
     def __init__(
         self,
         model: Bagel,
@@ -380,35 +403,65 @@ class BagelPipeline:
     def from_pretrained(
         cls,
         path: str | Path | None = None,
-        dtype: str | torch.dtype = "float32",
-        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | Sequence[str | torch.device] = "cpu",
         adapter: str | Path | None = None,
         max_cache_bytes: int | None = None,
+        quant: str | QuantSpec | None = None,
+        offload: str | None = None,
     ) -> BagelPipeline:
         """Load a checkpoint folder (or a Hugging Face cache snapshot folder), offline.
 
         Args:
             path: folder with ``llm_config.json``, ``vit_config.json``,
-                ``ema.safetensors``, ``ae.safetensors`` and the tokenizer files;
+                ``ema.safetensors``, ``ae.safetensors`` and the tokenizer files
+                (or a folder written by :func:`~openbagel.quantize.save_quantized`);
                 ``None`` loads the embedded shapes-world model (:data:`DEFAULT_MODEL`).
-            dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations).
-            device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+            dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations); default
+                float32, or the dtype a quantized folder was saved in.
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or several
+                (``"cuda:0,cuda:1"``): the decoder layers are split across them
+                in contiguous blocks, the rest on the first.
             adapter: a LoRA adapter folder (from ``openbagel train``), merged into the weights.
             max_cache_bytes: KV-cache budget of each conversation; a context
                 that would need more is refused with ``CacheBudgetError``.
+            quant: weight-only quantization per part, e.g. ``"llm=int8"``,
+                ``"llm=nf4,vit=int8"`` (see :mod:`openbagel.quantize`).
+            offload: ``"layers"``: decoder layers stay in CPU memory and are
+                copied to the device one ahead of use (see :class:`~openbagel.placement.LayerOffload`).
         Raises:
             CheckpointError: missing, corrupt or mismatched files.
-            InvalidInputError: bad dtype or unavailable device.
+            InvalidInputError: bad dtype, quantization or offload; unavailable device.
         """
-        dt, dev = parse_dtype(dtype), parse_device(device)
+        devices = parse_devices(device)
+        main = devices[0]
+        spec = quant if isinstance(quant, QuantSpec) else QuantSpec.parse(quant)
+        if offload not in (None, "none", "layers"):
+            raise InvalidInputError(f"offload must be 'layers' (or none), got {offload!r}")
+        offload = offload == "layers"
+        if offload and len(devices) > 1:
+            raise InvalidInputError("offload runs the layers on one device; give a single device with offload")
         if path is None:
             path = DEFAULT_MODEL
         if not isinstance(path, (str, Path)):
             raise InvalidInputError(f"path must be a checkpoint folder, got {type(path).__name__}")
         folder = resolve_checkpoint_dir(path)
         config = config_from_checkpoint(folder)
+        stored = read_quant_info(folder)
+        dt = parse_dtype(dtype if dtype is not None else stored[1] if stored else "float32")
+        if stored is not None:
+            if spec.active and spec != stored[0]:
+                raise InvalidInputError(
+                    f"{folder} holds a model quantized as {stored[0]}; drop the quantization option "
+                    "or quantize the original checkpoint instead"
+                )
+            if dt != stored[1]:
+                raise InvalidInputError(f"{folder} was quantized in {stored[1]}; load it with that dtype")
+            if adapter is not None:
+                raise InvalidInputError("merge the LoRA adapter into the original checkpoint before quantizing it")
         tokenizer = Tokenizer.from_folder(folder)
-        model = load_model(folder, dtype=dt, device=dev, config=config)
+        staged = spec.active or offload or len(devices) > 1  # built on the CPU, then placed
+        model = load_model(folder, dtype=dt, device="cpu" if staged else main, config=config)
         if adapter is not None:
             from openbagel.errors import CheckpointError
             from openbagel.train.lora import load_adapter
@@ -416,8 +469,18 @@ class BagelPipeline:
             if not (Path(adapter) / "adapter_config.json").exists():
                 raise CheckpointError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
             model = load_adapter(model, adapter)
-        vae = load_vae(folder, dtype=dt, device=dev, config=config)
-        return cls(model, vae, tokenizer, config, max_cache_bytes)
+        if spec.active:  # straight to the device when the layers will all live there
+            quantize_model(model, spec, device=main if len(devices) == 1 and not offload else "cpu")
+        offloaded = LayerOffload(model, main) if offload else None
+        if len(devices) > 1:
+            place_layers(model, devices)
+        elif staged and not offload:
+            model.to(main)
+        vae = load_vae(folder, dtype=dt, device=main, config=config)
+        pipe = cls(model, vae, tokenizer, config, max_cache_bytes)
+        pipe.quant = stored[0] if stored is not None else spec
+        pipe.offload = offloaded
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -428,7 +491,14 @@ class BagelPipeline:
 
         ``mode="reduce-overhead"`` on a GPU replays each decoding step as a
         CUDA graph. Same tokens as the default decoder. Returns ``self``.
+
+        Raises:
+            InvalidInputError: the layers are offloaded or split across devices (hooks move their weights).
         """
+        if is_placed(self.model):
+            raise InvalidInputError(
+                "compiled decoding needs every layer resident on one device; drop the offload or the device list"
+            )
         self.decoder = StaticDecoder(self.model, compile=True, backend=backend, mode=mode)
         return self
 

@@ -77,7 +77,7 @@ class BatchedQuery:
         self.model = model
         self.num_branches = b = len(branches)
         self.n = n = position_ids.shape[0]
-        device = branches[0].cache.k.device
+        device = branches[0].cache.device
         ropes = torch.tensor([br.rope for br in branches], dtype=torch.long, device=device)
         owner = torch.arange(b, device=device)
         owner = torch.cat([owner.repeat_interleave(2), owner.repeat_interleave(n)])
@@ -126,8 +126,9 @@ class BatchedQuery:
         out = q.new_empty(q.shape)
         for slot, (marks, lat) in zip(self.slots, rows):
             qi = torch.cat([q[marks], q[lat]])
-            keys, values = slot.cache.k[layer, : slot.end], slot.cache.v[layer, : slot.end]
-            oi = attention(qi, keys, values, AttnMask.full() if slot.mask is None else AttnMask.dense(slot.mask))
+            keys, values = slot.cache.k[layer][: slot.end], slot.cache.v[layer][: slot.end]
+            mask = AttnMask.full() if slot.mask is None else AttnMask.dense(slot.mask.to(keys.device))
+            oi = attention(qi, keys, values, mask)
             out[marks], out[lat] = oi[:2], oi[2:]
         return out
 

@@ -27,6 +27,7 @@ from openbagel.inference.denoise import Branch
 from openbagel.kv_cache import CacheBudget, KVCache
 from openbagel.model.bagel import Bagel, SequenceInput
 from openbagel.packing import SpecialIds, latent_segment, text_segment, vit_segment
+from openbagel.placement import layer_devices
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class Context:
     @staticmethod
     def empty(model: Bagel, capacity: int = 256, budget: CacheBudget | None = None) -> Context:
         cfg = model.config.llm
-        device = model.vae2llm.weight.device
-        return Context(KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, model.dtype, device, budget))
+        devices = layer_devices(model)  # each layer's keys where that layer runs
+        return Context(KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, model.dtype, devices, budget))
 
     def fork(self, length: int | None = None, rope: int | None = None) -> Context:
         """An independent copy (of the first ``length`` cached tokens, with counter ``rope``)."""
@@ -56,7 +57,7 @@ class Context:
 
     @property
     def device(self) -> torch.device:
-        return self.cache.k.device
+        return self.cache.device
 
 
 def append(model: Bagel, ctx: Context, seg: SequenceInput, rope_advance: int) -> Tensor:

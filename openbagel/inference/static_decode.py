@@ -30,7 +30,7 @@ from openbagel.packing import SpecialIds
 class _StaticSlots:
     """The decoder's cache protocol over a fixed-capacity storage (see ``MoTModel.forward``)."""
 
-    def __init__(self, k: Tensor, v: Tensor, index: Tensor, filled: Tensor):
+    def __init__(self, k: list[Tensor], v: list[Tensor], index: Tensor, filled: Tensor):
         self.k, self.v, self.index, self.filled = k, v, index, filled
 
     def reserve(self, n: int) -> None:
@@ -56,7 +56,9 @@ class StaticDecoder:
         self.model = model
         self.step = torch.compile(self._step, fullgraph=True, backend=backend, mode=mode) if compile else self._step
 
-    def _step(self, ids: Tensor, pos: Tensor, index: Tensor, filled: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _step(
+        self, ids: Tensor, pos: Tensor, index: Tensor, filled: Tensor, k: list[Tensor], v: list[Tensor]
+    ) -> Tensor:
         slots = _StaticSlots(k, v, index, filled)
         hidden = self.model.language_model.model(self.model.embed_text(ids), pos, AttnMask.full(), 1, slots)
         return self.model.logits(hidden)[0]
@@ -78,11 +80,10 @@ class StaticDecoder:
         cache.reserve(params.max_new_tokens)
         start = cache.length
         # slots not filled yet take part in the masked attention: they must hold finite numbers
-        cache.k[:, start:].zero_()
-        cache.v[:, start:].zero_()
-        if device.type == "cuda":  # CUDA graphs may then update the storage in place
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+        for t in cache.k + cache.v:
+            t[start:].zero_()
+            if device.type == "cuda":  # CUDA graphs may then update the storage in place
+                torch._dynamo.mark_static_address(t)
         filled = torch.zeros(1, cache.capacity, dtype=torch.bool, device=device)
         filled[0, :start] = True
         ids = torch.tensor([special.bos], device=device)

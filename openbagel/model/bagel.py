@@ -174,6 +174,8 @@ class Bagel(nn.Module):
         non-contiguous tensor (``.contiguous()`` it before saving).
         """
         head = self.language_model.lm_head
+        if not head.weight.dtype.is_floating_point or type(head.weight.data) is not Tensor:
+            return  # a quantized head keeps its packed layout
         head.weight.data = head.weight.data.t().contiguous().t()
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from openbagel.config import VAEConfig
+from openbagel.quiet import quiet_imports
 
 
 def _diffusers_config(cfg: VAEConfig) -> dict:
@@ -92,7 +93,8 @@ def flux_ae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
 
 def to_diffusers_state_dict(flux_sd: dict[str, Tensor], cfg: VAEConfig) -> dict[str, Tensor]:
     """Convert a FLUX-layout state dict to diffusers' ``AutoencoderKL`` names (no network)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    with quiet_imports():
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     return convert_ldm_vae_checkpoint(dict(flux_sd), _diffusers_config(cfg))
 
@@ -122,7 +124,8 @@ class BagelVAE(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        from diffusers import AutoencoderKL
+        with quiet_imports():
+            from diffusers import AutoencoderKL
 
         self.cfg = cfg
         self.ae = AutoencoderKL(**_diffusers_config(cfg))

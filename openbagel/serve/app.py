@@ -325,7 +325,9 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             return pipe
         from openbagel.pipeline import BagelPipeline
 
-        return BagelPipeline.from_pretrained(settings.model, dtype=settings.dtype, device=settings.device)
+        return BagelPipeline.from_pretrained(
+            settings.model, dtype=settings.dtype, device=settings.device, quant=settings.quant, offload=settings.offload
+        )
 
     engine = Engine(load, settings.max_queue, settings.max_concurrency, metrics)
     name = settings.served_name

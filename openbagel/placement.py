@@ -1,0 +1,269 @@
+"""Where the decoder layers live and run: one device, split across several, or offloaded.
+
+Applied from outside the model, after loading (and quantizing): forward
+hooks move what a layer receives to the device it runs on, so the model code
+stays device-agnostic. The small modules that touch the inputs and outputs
+(embeddings, time embedder, position tables, ``vae2llm``/``llm2vae``, the
+connector, the ViT, the final norms and the LM head) live on the first device.
+
+* :func:`place_layers`: contiguous blocks of decoder layers on each device
+  (pipeline placement; one request runs through the devices in turn).
+* :class:`LayerOffload`: every decoder layer's weights stay in (pinned) CPU
+  memory; each is copied to the device just before it runs and the next one
+  is copied meanwhile on a side stream (prefetch one layer ahead); a layer's
+  device copy is dropped when it is done.
+
+The KV cache keeps each layer's keys on the device that layer runs on
+(:func:`layer_devices`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from openbagel.errors import InvalidInputError
+from openbagel.model.attention import AttnMask
+
+#: Of each placed model: the compute device of each decoder layer (read by the
+#: KV cache) and a line saying where things live.
+_PLACED: weakref.WeakKeyDictionary[nn.Module, tuple[list[torch.device], str]] = weakref.WeakKeyDictionary()
+
+#: Host-to-device copy speed assumed by the estimates (PCIe 4.0 x16, pinned memory, bytes/s).
+PCIE_BYTES_PER_S = 25e9
+
+
+def layer_devices(model: nn.Module) -> list[torch.device]:
+    """The device each decoder layer of ``model`` runs on (one entry per layer)."""
+    placed = _PLACED.get(model)
+    if placed is not None:
+        return placed[0]
+    return [model.vae2llm.weight.device] * len(model.language_model.model.layers)
+
+
+def describe_placement(model: nn.Module) -> str | None:
+    """A line saying where the layers live (None: all on one device, nothing to say)."""
+    placed = _PLACED.get(model)
+    return None if placed is None else placed[1]
+
+
+def is_placed(model: nn.Module) -> bool:
+    """Whether :func:`place_layers` or :class:`LayerOffload` was applied to ``model``."""
+    return model in _PLACED
+
+
+def _move(obj, device: torch.device):
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, AttnMask) and isinstance(obj.mask, Tensor):
+        return AttnMask(obj.kind, obj.mask.to(device, non_blocking=True))
+    return obj
+
+
+def _inputs_to(device: torch.device):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(_move(a, device) for a in args)
+
+    return hook
+
+
+def _move_all_but_layers(model: nn.Module, device: torch.device) -> None:
+    decoder = model.language_model.model
+    layers = decoder.layers
+    decoder.layers = nn.ModuleList()
+    try:
+        model.to(device)
+    finally:
+        decoder.layers = layers
+
+
+def split_evenly(num_layers: int, num_devices: int) -> list[int]:
+    """Device index of each layer: contiguous blocks, sizes differing by at most one (earlier blocks larger)."""
+    counts = [num_layers // num_devices + (i < num_layers % num_devices) for i in range(num_devices)]
+    return [d for d, c in enumerate(counts) for _ in range(c)]
+
+
+def place_layers(model: nn.Module, devices: list[torch.device], assignment: list[int] | None = None) -> list[int]:
+    """Put the decoder layers on ``devices`` in contiguous blocks, everything else on ``devices[0]``.
+
+    Args:
+        model: a loaded :class:`~openbagel.model.bagel.Bagel` (possibly quantized), on the CPU.
+        devices: at least one device.
+        assignment: device index of each layer (default :func:`split_evenly`).
+    Returns:
+        The assignment used.
+    Raises:
+        InvalidInputError: the model is placed already, or an assignment of the wrong length.
+    """
+    layers = model.language_model.model.layers
+    if is_placed(model):
+        raise InvalidInputError("the model's layers are placed already; load it again to place them differently")
+    assignment = split_evenly(len(layers), len(devices)) if assignment is None else list(assignment)
+    if len(assignment) != len(layers) or any(not 0 <= a < len(devices) for a in assignment):
+        raise InvalidInputError(
+            f"a placement needs one device index in 0..{len(devices) - 1} per layer ({len(layers)})"
+        )
+    main = devices[0]
+    _move_all_but_layers(model, main)
+    for layer, a in zip(layers, assignment):
+        layer.to(devices[a])
+        layer.register_forward_pre_hook(_inputs_to(devices[a]))
+    decoder = model.language_model.model
+    for norm in (decoder.norm, decoder.norm_moe_gen):
+        norm.register_forward_pre_hook(_inputs_to(main))
+    _PLACED[model] = ([devices[a] for a in assignment], _describe_split(layers, devices, assignment))
+    return assignment
+
+
+def _describe_split(layers: nn.ModuleList, devices: list[torch.device], assignment: list[int]) -> str:
+    from openbagel.kv_cache import format_bytes
+    from openbagel.quantize import module_bytes
+
+    blocks = []
+    for d, device in enumerate(devices):
+        idx = [i for i, a in enumerate(assignment) if a == d]
+        if idx:
+            size = format_bytes(sum(module_bytes(layers[i]) for i in idx))
+            blocks.append(f"layers {idx[0]}-{idx[-1]} on {device} ({size})")
+    return f"placement: {', '.join(blocks)}; embeddings, ViT, heads and VAE on {devices[0]}"
+
+
+# --- offload ------------------------------------------------------------------------
+
+
+@dataclass
+class _Stored:
+    """One parameter or buffer of an offloaded layer: where it sits in the module, and its host copy."""
+
+    module: nn.Module
+    name: str
+    is_param: bool
+    host: Tensor
+
+
+class LayerOffload:
+    """Decoder layers in host memory, each copied to ``device`` just before it runs, the next one prefetched.
+
+    While layer ``i`` runs, layer ``i + 1`` (after the last: layer 0, for the
+    next forward) is being copied on a side CUDA stream, so at most two
+    layers are on the device at once. Everything else goes to ``device``. On
+    a CPU "device" the copies are synchronous (same numbers, nothing saved):
+    the placement logic and the order of the copies are what it shows.
+
+    Args:
+        model: a loaded :class:`~openbagel.model.bagel.Bagel` (possibly quantized), on the CPU.
+        device: where the layers run.
+    Attributes:
+        log: ``("load", i)`` when layer ``i``'s copy starts, ``("free", i)`` when it is dropped (in order).
+        layer_bytes: bytes of the offloaded layers (each copied once per forward).
+    Raises:
+        InvalidInputError: the model is placed already.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str):
+        from openbagel.quantize import module_bytes
+
+        if is_placed(model):
+            raise InvalidInputError("the model's layers are placed already; load it again to offload them")
+        self.device = device = torch.device(device)
+        self.layers = layers = model.language_model.model.layers
+        _move_all_but_layers(model, device)
+        pin = device.type == "cuda"
+        self.stored: list[list[_Stored]] = []
+        for layer in layers:
+            layer.to("cpu")
+            entries = []
+            for module in layer.modules():
+                for store, is_param in ((module._parameters, True), (module._buffers, False)):
+                    for name, t in store.items():
+                        if t is None:
+                            continue
+                        if pin and type(t.data) is Tensor:  # quantized tensors are copied unpinned
+                            t.data = t.data.pin_memory()
+                        entries.append(_Stored(module, name, is_param, t))
+            self.stored.append(entries)
+        self.layer_bytes = sum(module_bytes(layer) for layer in layers)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending: dict[int, tuple[list[Tensor], torch.cuda.Event | None]] = {}
+        self.log: list[tuple[str, int]] = []
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._before(i))
+            layer.register_forward_hook(self._after(i))
+        _PLACED[model] = ([device] * len(layers), self.summary())
+
+    def _load(self, i: int) -> None:
+        """Start copying layer ``i`` to the device (on the side stream)."""
+        if i in self.pending:
+            return
+        self.log.append(("load", i))
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with ctx:
+            copies = [_copy_to(e.host, self.device) for e in self.stored[i]]
+            event = torch.cuda.Event() if self.stream is not None else None
+            if event is not None:
+                event.record(self.stream)
+        self.pending[i] = (copies, event)
+
+    def _before(self, i: int):
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            self._load(i)
+            copies, event = self.pending[i]
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for c in copies:  # made on the side stream, used on this one
+                    _record_stream(c, current)
+            for e, c in zip(self.stored[i], copies):
+                (e.module._parameters if e.is_param else e.module._buffers)[e.name] = c
+            self._load((i + 1) % len(self.layers))  # prefetch while this layer runs
+            return tuple(_move(a, self.device) for a in args)
+
+        return hook
+
+    def _after(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            for e in self.stored[i]:
+                (e.module._parameters if e.is_param else e.module._buffers)[e.name] = e.host
+            del self.pending[i]
+            self.log.append(("free", i))
+
+        return hook
+
+    def summary(self) -> str:
+        """Where the layers live and the copy time each forward pays (at :data:`PCIE_BYTES_PER_S`)."""
+        from openbagel.kv_cache import format_bytes
+
+        n = len(self.layers)
+        per_layer = self.layer_bytes / max(n, 1)
+        return (
+            f"offload: {n} decoder layers ({format_bytes(self.layer_bytes)}) in "
+            f"{'pinned ' if self.stream is not None else ''}CPU memory, at most 2 on {self.device} at a time "
+            f"({format_bytes(2 * per_layer)}); every forward copies all of them: at least "
+            f"{self.layer_bytes / PCIE_BYTES_PER_S:.2f} s per forward (a prefill, a denoising step, a decoded token) "
+            f"at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s"
+        )
+
+
+def _copy_to(t: Tensor, device: torch.device) -> Tensor:
+    if type(t) is Tensor or isinstance(t, nn.Parameter) and type(t.data) is Tensor:
+        return t.detach().to(device, non_blocking=True, copy=True)
+    return t.to(device)  # a quantized tensor: its own copy (blocking; a no-op on the same device)
+
+
+def _record_stream(t: Tensor, stream) -> None:
+    if type(t) is Tensor or isinstance(t, nn.Parameter) and type(t.data) is Tensor:
+        t.record_stream(stream)
+    else:  # a quantized tensor: its inner tensors
+        names = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []
+        inner = [getattr(t, n) for n in names] or [t.data]
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            inner.append(qs.absmax)
+        for x in inner:
+            x.record_stream(stream)

@@ -1,0 +1,303 @@
+"""Less memory: weight-only quantization (int8, fp8, nf4), saving and loading it,
+layer offload with prefetch, layers split across devices, and the planner.
+
+CPU "devices" stand in for GPUs: what is checked is the placement logic, the
+order of the copies and that the numbers do not change. The quantization floors
+are the measured values (benchmarks/RESULTS.md, "Memory") with a margin.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from openbagel import BagelPipeline
+from openbagel.cli import app
+from openbagel.errors import InvalidInputError
+from openbagel.fidelity import latent_error, token_agreement
+from openbagel.pipeline import DEFAULT_MODEL, THINK_GENERATE_PROMPT
+from openbagel.placement import LayerOffload, describe_placement, layer_devices, place_layers, split_evenly
+from openbagel.plan import Workload, make_plan, weight_bytes
+from openbagel.quantize import QuantSpec, part_bytes, save_quantized
+from openbagel.shapes.eval import make_items
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+MODES = ("int8", "fp8", "nf4")
+
+#: Measured on the golden tiny config / the embedded model (bfloat16 reference,
+#: benchmarks/quant_quality.py): relative latent error and greedy-token agreement.
+#: Floors: the error at most twice the measured one, the agreement at most 5 points lower.
+MEASURED = {
+    "tiny": {"int8": (0.014, 0.985), "fp8": (0.050, 0.956), "nf4": (0.170, 0.912)},
+    "shapes": {"int8": (0.033, 1.0), "fp8": (0.049, 1.0), "nf4": (0.159, 1.0)},
+}
+
+
+@pytest.fixture(scope="module")
+def items():
+    items = make_items(4, 2024)
+    return [i.prompt for i in items if i.task == "t2i"][:4], [i for i in items if i.task == "qa"]
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_dir):
+    return {
+        "tiny": BagelPipeline.from_pretrained(tiny_dir, dtype="bfloat16"),
+        "shapes": BagelPipeline.from_pretrained(dtype="bfloat16"),
+    }
+
+
+def _image(r) -> np.ndarray:
+    return np.asarray(r.images[0], dtype=np.int16)
+
+
+# --- the spec ------------------------------------------------------------------------
+
+
+def test_spec_parsing():
+    assert QuantSpec.parse("llm=int8,vit=nf4") == QuantSpec(llm="int8", vit="nf4")
+    assert QuantSpec.parse("NF4") == QuantSpec(llm="nf4")  # a bare mode: the LLM
+    assert QuantSpec.parse(None) == QuantSpec() and not QuantSpec().active
+    assert str(QuantSpec.parse("vit=int8, llm=fp8")) == "llm=fp8,vit=int8"
+    assert str(QuantSpec()) == "none"
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("llm=int9", "unknown quantization 'int9' for llm"),
+        ("lm=int8", "PART=MODE"),
+        ("llm", "unknown quantization 'llm'"),
+        ("llm=int8,llm=nf4", "given twice"),
+        ("vae=int8", "use vae=none"),
+    ],
+)
+def test_spec_errors(text, words):
+    with pytest.raises(InvalidInputError, match=words):
+        QuantSpec.parse(text)
+
+
+# --- quantized models -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_weights_shrink_and_stay_close(refs, items, tiny_dir, mode):
+    prompts, qa = items
+    for name, folder, image in (
+        ("tiny", tiny_dir, Image.new("RGB", (64, 64), (200, 30, 30))),
+        ("shapes", None, qa[0].images[0]),
+    ):
+        ref = refs[name]
+        pipe = BagelPipeline.from_pretrained(folder, dtype="bfloat16", quant=f"llm={mode}")
+        before, after = part_bytes(ref.model), part_bytes(pipe.model)
+        # bf16 is 2 bytes a weight: int8 and fp8 1 (plus a scale per row; biases stay bf16), nf4 about 0.53
+        ratio = after["llm"] / before["llm"]
+        assert ratio < (0.4 if mode == "nf4" else 0.56), ratio  # exact sizes: test_planned_weights_equal_measured
+        assert {k: after[k] for k in ("vit", "head", "other")} == {k: before[k] for k in ("vit", "head", "other")}
+        steps = 5 if name == "tiny" else 10
+        err = latent_error(ref, pipe, prompts, num_timesteps=steps)
+        agree = token_agreement(ref, pipe, image, [q.prompt for q in qa])
+        measured_err, measured_agree = MEASURED[name][mode]
+        assert 0 < err <= 2 * measured_err, (name, err)
+        assert agree >= measured_agree - 0.05, (name, agree)
+
+
+def test_every_part_and_the_head(tiny_dir, refs):
+    pipe = BagelPipeline.from_pretrained(tiny_dir, dtype="bfloat16", quant="llm=nf4,vit=int8,head=int8")
+    before, after = part_bytes(refs["tiny"].model), part_bytes(pipe.model)
+    assert after["vit"] < 0.6 * before["vit"] and after["head"] < 0.6 * before["head"]
+    assert after["other"] == before["other"]  # embeddings, norms, tables, connector, vae2llm/llm2vae untouched
+    text = pipe.understand(Image.new("RGB", (64, 64), "red"), "what is this?", max_new_tokens=4).text
+    assert isinstance(text, str)
+    with pytest.raises(InvalidInputError, match="multiples of 32; language_model.lm_head has 300"):
+        BagelPipeline.from_pretrained(tiny_dir, dtype="bfloat16", quant="head=nf4")  # a 300-token vocabulary
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_and_load_quantized(tmp_path, mode):
+    pipe = BagelPipeline.from_pretrained(dtype="bfloat16", quant=f"llm={mode}")
+    out = save_quantized(pipe.model, pipe.quant, DEFAULT_MODEL, tmp_path / "q")
+    assert not (out / "ema.safetensors").exists() and (out / "quantization.json").exists()
+    loaded = BagelPipeline.from_pretrained(out)  # the dtype it was saved in
+    assert loaded.quant == QuantSpec(llm=mode) and loaded.model.dtype == torch.bfloat16
+    assert part_bytes(loaded.model) == part_bytes(pipe.model)
+    a = pipe.text_to_image("a red circle", seed=0, num_timesteps=4)
+    b = loaded.text_to_image("a red circle", seed=0, num_timesteps=4)
+    assert np.array_equal(_image(a), _image(b))
+    with pytest.raises(InvalidInputError, match="quantized as llm="):
+        BagelPipeline.from_pretrained(out, quant="llm=int8" if mode != "int8" else "llm=nf4")
+    with pytest.raises(InvalidInputError, match="load it with that dtype"):
+        BagelPipeline.from_pretrained(out, dtype="float32")
+
+
+def test_quantize_cli_then_generate(tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", "--quant", "llm=int8", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "llm=int8" in r.output
+    img = tmp_path / "x.png"
+    r = runner.invoke(app, ["generate", "a red circle", "--model", str(out), "--seed", "0", "-o", str(img)])
+    assert r.exit_code == 0, r.output
+    assert Image.open(img).size == (64, 64)
+    r = runner.invoke(app, ["quantize", "--quant", "llm=int8", "-o", str(out)])
+    assert r.exit_code == 2 and "already holds a checkpoint" in r.output
+    r = runner.invoke(app, ["generate", "x", "--quant", "llm=int4", "-o", str(tmp_path / "y.png")])
+    assert r.exit_code == 2 and "unknown quantization 'int4'" in r.output and not (tmp_path / "y.png").exists()
+
+
+# --- offload and placement ------------------------------------------------------------
+
+
+def test_offload_same_numbers_and_prefetch_order():
+    ref = BagelPipeline.from_pretrained()
+    pipe = BagelPipeline.from_pretrained(offload="layers")
+    a = ref.text_to_image("a red circle above a blue square", seed=0, num_timesteps=4)
+    b = pipe.text_to_image("a red circle above a blue square", seed=0, num_timesteps=4)
+    assert np.array_equal(_image(a), _image(b))
+    image = a.images[0]
+    assert pipe.understand(image, "what is here?").text == ref.understand(image, "what is here?").text
+
+    offload = pipe.offload
+    assert isinstance(offload, LayerOffload) and ref.offload is None
+    offload.log.clear()
+    layers = pipe.model.language_model.model.layers
+    stored = [p for p in layers[1].parameters()]
+    pipe.understand(image, "hi", max_new_tokens=1)
+    n = len(layers)
+    # each forward: layer i+1 is copied while layer i runs, and layer 0 of the next forward while the last runs
+    forward = [("load", 1), ("free", 0)] + [e for i in range(2, n) for e in (("load", i), ("free", i - 1))]
+    forward += [("load", 0), ("free", n - 1)]
+    log = offload.log
+    assert log[: len(forward)] == forward and len(log) % len(forward) == 0
+    assert log == forward * (len(log) // len(forward))
+    live = 0
+    for kind, _ in [("load", 0)] + log:  # layer 0 was resident from the previous call
+        live += 1 if kind == "load" else -1
+        assert live <= 2
+    assert [p for p in layers[1].parameters()] == stored  # the host copies are back in the module
+    assert "offload: 4 decoder layers" in describe_placement(pipe.model)
+
+
+def test_offload_of_a_quantized_model_runs():
+    ref = BagelPipeline.from_pretrained(quant="llm=int8")
+    pipe = BagelPipeline.from_pretrained(quant="llm=int8", offload="layers")
+    a = ref.text_to_image("a red circle", seed=0, num_timesteps=3)
+    b = pipe.text_to_image("a red circle", seed=0, num_timesteps=3)
+    assert np.array_equal(_image(a), _image(b))
+
+
+def test_layers_split_across_devices_same_numbers():
+    ref = BagelPipeline.from_pretrained()
+    pipe = BagelPipeline.from_pretrained()
+    assert split_evenly(4, 2) == [0, 0, 1, 1] and split_evenly(5, 2) == [0, 0, 0, 1, 1]
+    assignment = place_layers(pipe.model, [CPU, CPU])
+    assert assignment == [0, 0, 1, 1]
+    assert layer_devices(pipe.model) == [CPU] * 4
+    assert describe_placement(pipe.model).startswith("placement: layers 0-1 on cpu")
+    for kind in ("text_to_image", "edit"):
+        args = ("a red circle",) if kind == "text_to_image" else (Image.new("RGB", (64, 64), "white"), "add a circle")
+        a = getattr(ref, kind)(*args, seed=0, num_timesteps=4)
+        b = getattr(pipe, kind)(*args, seed=0, num_timesteps=4)
+        assert np.array_equal(_image(a), _image(b)), kind
+    with pytest.raises(InvalidInputError, match="placed already"):
+        place_layers(pipe.model, [CPU])
+    with pytest.raises(InvalidInputError, match="offloaded or split|resident"):
+        pipe.compile()
+
+
+def test_kv_cache_per_layer_devices():
+    from openbagel.kv_cache import KVCache
+
+    cache = KVCache(3, 2, 4, capacity=8, device=[CPU, CPU, CPU])
+    assert cache.num_layers == 3 and cache.capacity == 8 and cache.bytes_per_token == 2 * 3 * 2 * 4 * 4
+    with pytest.raises(ValueError, match="2 devices for 3 layers"):
+        KVCache(3, 2, 4, device=[CPU, CPU])
+
+
+def test_device_list_errors():
+    with pytest.raises(InvalidInputError, match="names a device twice"):
+        BagelPipeline.from_pretrained(device="cpu,cpu")
+    with pytest.raises(InvalidInputError, match="offload must be 'layers'"):
+        BagelPipeline.from_pretrained(offload="disk")
+
+
+# --- the planner ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["none", "llm=int8", "llm=nf4", "llm=fp8,vit=int8,head=int8"])
+def test_planned_weights_equal_measured(spec):
+    q = QuantSpec.parse(spec)
+    pipe = BagelPipeline.from_pretrained(dtype="bfloat16", quant=q)
+    plan = weight_bytes(pipe.config, torch.bfloat16, q)
+    measured = part_bytes(pipe.model)
+    assert plan["layers"] == measured["llm"]
+    assert plan["rest"] == measured["vit"] + measured["head"] + measured["other"]
+    assert plan["vae"] == sum(t.numel() * t.element_size() for t in pipe.vae.parameters())
+
+
+@pytest.mark.parametrize("task, think", [("t2i", False), ("edit", False), ("t2i", True), ("edit", True)])
+def test_planned_kv_cache_equals_measured(monkeypatch, task, think):
+    """The plan's KV cache, given as the budget, is what the session allocates (and it is not refused)."""
+    pipe = BagelPipeline.from_pretrained(dtype="bfloat16")
+    prompt = "make the circle blue"
+    system = len(pipe.tokenizer.encode(THINK_GENERATE_PROMPT))
+    workload = Workload(task, 64, 64, think, 24, len(pipe.tokenizer.encode(prompt)))
+    plan = make_plan(pipe.config, torch.bfloat16, 2**30, workload, [QuantSpec()], 1, system)
+    seen = []
+    sample = BagelPipeline._sample
+
+    def spy(self, sessions, *args):
+        out = sample(self, sessions, *args)
+        seen.append(max(s.cache_bytes for s in sessions))
+        return out
+
+    monkeypatch.setattr(BagelPipeline, "_sample", spy)
+    pipe.max_cache_bytes = plan.kv
+    kw = dict(seed=0, num_timesteps=3, think=think, max_think_tokens=24)
+    if task == "t2i":
+        pipe.text_to_image(prompt, **kw)
+    else:
+        pipe.edit(Image.new("RGB", (64, 64), "white"), prompt, **kw)
+    assert seen == [plan.kv]
+
+
+def test_plan_cli_7b():
+    r = runner.invoke(app, ["plan", "--config", "7b-mot", "--gpu-mem", "24GB", "--think"])
+    assert r.exit_code == 0, r.output
+    table = r.output.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("choice"))
+    rows = {line[:26].strip(): line[26:] for line in table[header + 1 :]}
+    assert set(rows) == {"bf16", "bf16 + offload", "llm=int8", "llm=int8 + offload", "llm=nf4", "llm=nf4 + offload"}
+    fits = {name: re.search(r"\s(yes|no)\s", row).group(1) for name, row in rows.items()}
+    # 27.4 GiB of bf16 weights do not fit a 24 GB card; int8, nf4 and every offload do
+    assert fits == {name: "no" if name == "bf16" else "yes" for name in rows}
+    assert rows["bf16"].split()[:2] == ["27.4", "GiB"]
+    r = runner.invoke(app, ["plan", "--config", "7b-mot", "--gpu-mem", "24GB", "--devices", "2", "--quant", "llm=int8"])
+    assert r.exit_code == 0 and "layers split 14/14" in r.output
+    r = runner.invoke(app, ["plan", "--gpu-mem", "lots"])
+    assert r.exit_code == 2 and "--gpu-mem must be a size" in r.output
+
+
+def test_plan_shares_layers_and_cache_between_devices():
+    cfg = BagelPipeline.from_pretrained().config
+    one = make_plan(cfg, torch.bfloat16, 2**30, Workload("t2i", 64, 64), [QuantSpec()], 1)
+    two = make_plan(cfg, torch.bfloat16, 2**30, Workload("t2i", 64, 64), [QuantSpec()], 2)
+    w = weight_bytes(cfg, torch.bfloat16)
+    assert two.choices[0].weights == [w["rest"] + w["vae"] + 2 * w["layer"], 2 * w["layer"]]
+    assert sum(two.choices[0].weights) == one.choices[0].weights[0]
+    # the offload row keeps the rest and two layers on the GPU, the layers in host memory
+    assert one.choices[1].weights == [w["rest"] + w["vae"] + 2 * w["layer"]] and one.choices[1].host == w["layers"]
+
+
+def test_deepcopy_keeps_plain_model():  # placement state is per model object
+    pipe = BagelPipeline.from_pretrained()
+    other = copy.deepcopy(pipe.model)
+    place_layers(other, [CPU])
+    assert describe_placement(pipe.model) is None and describe_placement(other) is not None
