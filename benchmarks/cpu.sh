@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU numbers of benchmarks/RESULTS.md, with nothing else running
-# (about 15 minutes on 2 cores). Writes one JSON per command to OUT_DIR.
+# (about 20 minutes on 2 cores). Writes one JSON per command to OUT_DIR.
 #
 #   OPENBAGEL=.venv/bin/openbagel benchmarks/cpu.sh [OUT_DIR]     # default benchmarks/results
 # (OPENBAGEL: the openbagel command, default the one on PATH)
@@ -30,3 +30,10 @@ done
 # static-shape decoding through torch.compile (compiles in the warm-up run)
 $ob bench --config small --task understand --size 256 --decode-tokens 32 --long-context 9000 --runs 3 --compile \
     --json "$out/small-understand-compile.json"
+# memory modes against bf16: quantized decoder layers, and offloaded layers (README "Memory")
+$ob bench --config small --task t2i --size 256 --steps 10 --runs 2 --dtype bfloat16 --quant llm=int8 --offload layers \
+    --json "$out/small-t2i-bf16-int8.json"
+for q in nf4 fp8; do
+    $ob bench --config small --task t2i --size 256 --steps 10 --runs 2 --dtype bfloat16 --quant "llm=$q" \
+        --json "$out/small-t2i-bf16-$q.json"
+done

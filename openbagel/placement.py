@@ -20,6 +20,7 @@ The KV cache keeps each layer's keys on the device that layer runs on
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -156,6 +157,9 @@ class LayerOffload:
     a CPU "device" the copies are synchronous (same numbers, nothing saved):
     the placement logic and the order of the copies are what it shows.
 
+    One forward of the decoder runs at a time (a lock: the swapped weights are
+    shared state); a forward that raises puts every layer's host copy back.
+
     Args:
         model: a loaded :class:`~openbagel.model.bagel.Bagel` (possibly quantized), on the CPU.
         device: where the layers run.
@@ -195,6 +199,10 @@ class LayerOffload:
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._before(i))
             layer.register_forward_hook(self._after(i))
+        self.lock = threading.Lock()
+        decoder = model.language_model.model
+        decoder.register_forward_pre_hook(self._start_of_forward)
+        decoder.register_forward_hook(self._end_of_forward, always_call=True)
         _PLACED[model] = ([device] * len(layers), self.summary())
 
     def _load(self, i: int) -> None:
@@ -235,12 +243,28 @@ class LayerOffload:
 
         return hook
 
+    def _start_of_forward(self, module: nn.Module, args: tuple) -> None:
+        self.lock.acquire()
+
+    def _end_of_forward(self, module: nn.Module, args: tuple, output) -> None:
+        try:
+            for i in [i for i in self.pending if self._swapped_in(i)]:  # a forward that raised midway
+                self._after(i)(module, args, output)
+        finally:
+            self.lock.release()
+
+    def _swapped_in(self, i: int) -> bool:
+        e = self.stored[i][0]
+        return (e.module._parameters if e.is_param else e.module._buffers)[e.name] is not e.host
+
     def summary(self) -> str:
         """Where the layers live and the copy time each forward pays (at :data:`PCIE_BYTES_PER_S`)."""
         from openbagel.kv_cache import format_bytes
 
         n = len(self.layers)
         per_layer = self.layer_bytes / max(n, 1)
+        if self.device.type == "cpu":
+            return f"offload: the device is the CPU, where the {n} decoder layers already are: nothing is saved"
         return (
             f"offload: {n} decoder layers ({format_bytes(self.layer_bytes)}) in "
             f"{'pinned ' if self.stream is not None else ''}CPU memory, at most 2 on {self.device} at a time "

@@ -182,7 +182,29 @@ def test_offload_same_numbers_and_prefetch_order():
         live += 1 if kind == "load" else -1
         assert live <= 2
     assert [p for p in layers[1].parameters()] == stored  # the host copies are back in the module
-    assert "offload: 4 decoder layers" in describe_placement(pipe.model)
+    assert "the device is the CPU, where the 4 decoder layers already are" in describe_placement(pipe.model)
+
+
+def test_offload_recovers_from_a_forward_that_raises(monkeypatch):
+    pipe = BagelPipeline.from_pretrained(offload="layers")
+    layers = pipe.model.language_model.model.layers
+    hosts = [e.host for e in pipe.offload.stored[2]]
+    mlp = layers[2].mlp
+
+    def boom(x):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(mlp, "forward", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pipe.understand(Image.new("RGB", (64, 64), "red"), "hi", max_new_tokens=1)
+    assert [e.module._parameters[e.name] for e in pipe.offload.stored[2] if e.is_param] == [
+        h for h, e in zip(hosts, pipe.offload.stored[2]) if e.is_param
+    ]
+    assert not pipe.offload.lock.locked()
+    monkeypatch.undo()
+    ref = BagelPipeline.from_pretrained()
+    image = Image.new("RGB", (64, 64), "red")
+    assert pipe.understand(image, "what is it?").text == ref.understand(image, "what is it?").text
 
 
 def test_offload_of_a_quantized_model_runs():
