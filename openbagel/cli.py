@@ -51,6 +51,12 @@ QuantOpt = typer.Option(
     "Save the result with openbagel quantize for a fast start.",
     show_default=False,
 )
+ParallelOpt = typer.Option(
+    "layers",
+    "--parallel",
+    help="With several devices: layers (split the decoder layers across them, for a model too big for one) "
+    "or branches (a whole copy on each; the guidance branches of every step run side by side).",
+)
 OffloadOpt = typer.Option(
     None,
     "--offload",
@@ -221,6 +227,7 @@ def _load(
     kv_budget: str | None = None,
     quant: str | None = None,
     offload: str | None = None,
+    parallel: str = "layers",
 ):
     from openbagel.kv_cache import parse_bytes
     from openbagel.pipeline import BagelPipeline
@@ -228,8 +235,9 @@ def _load(
 
     budget = None if kv_budget is None else parse_bytes(kv_budget, "--kv-cache-budget")
     pipe = BagelPipeline.from_pretrained(
-        model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget, quant=quant, offload=offload
-    )
+        model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget, quant=quant, offload=offload,
+        parallel=parallel,
+    )  # fmt: skip
     message = describe_placement(pipe.model)
     if message:
         typer.echo(message, err=True)
@@ -347,6 +355,7 @@ def generate(
     kv_cache_budget: Optional[str] = KVBudgetOpt,
     quant: Optional[str] = QuantOpt,
     offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
 ) -> None:
     """Generate an image from a text prompt."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -356,7 +365,7 @@ def generate(
         check_output(output)
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         result = pipe.text_to_image(
             prompt,
             height=height,
@@ -403,6 +412,7 @@ def edit(
     kv_cache_budget: Optional[str] = KVBudgetOpt,
     quant: Optional[str] = QuantOpt,
     offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
 ) -> None:
     """Edit or restyle an image following an instruction."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -417,7 +427,7 @@ def edit(
         prompt = style_instruction(instruction, style)
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         result = pipe.edit(
             source,
             prompt,
@@ -474,6 +484,7 @@ def frames(
     kv_cache_budget: Optional[str] = KVBudgetOpt,
     quant: Optional[str] = QuantOpt,
     offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
 ) -> None:
     """Predict the next frames of a clip, one at a time (each predicted frame joins the context)."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
@@ -491,7 +502,7 @@ def frames(
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         source = read_clip(clip)
         _check_image_settings(model, device, dtype, "edit", None, None, seed, sampling)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         result = pipe.predict_frames(
             source.frames,
             num_frames,
@@ -528,6 +539,7 @@ def understand(
     kv_cache_budget: Optional[str] = KVBudgetOpt,
     quant: Optional[str] = QuantOpt,
     offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
     compile_: bool = CompileOpt,
 ) -> None:
     """Answer a question about an image; the answer streams to stdout.
@@ -543,7 +555,7 @@ def understand(
         source = load_image(image)
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         if compile_:
             pipe.compile(mode="reduce-overhead" if device.startswith("cuda") else None)
         kwargs = dict(
@@ -602,6 +614,7 @@ def chat(
     kv_cache_budget: Optional[str] = KVBudgetOpt,
     quant: Optional[str] = QuantOpt,
     offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
     compile_: bool = CompileOpt,
 ) -> None:
     """Interactive multi-turn chat; images go in with /image PATH and come out with /generate."""
@@ -618,7 +631,7 @@ def chat(
             num_timesteps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
         )  # fmt: skip
         generator = make_generator(seed)
-        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload)
+        pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         if compile_:
             pipe.compile(mode="reduce-overhead" if device.startswith("cuda") else None)
         conv = pipe.chat(THINK_UNDERSTAND_PROMPT if think else None)
@@ -831,6 +844,7 @@ def serve(
     dtype: Optional[str] = DtypeOpt,
     quant: Optional[str] = QuantOpt,
     offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (images, edits, chat; /docs lists the routes)."""
 
@@ -855,6 +869,7 @@ def serve(
             )  # fmt: skip
             settings = ServeSettings(
                 model=model, model_name=model_name, dtype=dtype, device=device, quant=quant, offload=offload,
+                parallel=parallel,
                 api_key=api_key, max_queue=max_queue, max_concurrency=max_concurrency, log_prompts=log_prompts,
                 limits=limits, ui=with_ui,
             )  # fmt: skip

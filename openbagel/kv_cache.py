@@ -230,19 +230,20 @@ class KVCache:
         """Keep the ``n`` tokens written by the last forward."""
         self.length += n
 
-    def fork(self, length: int | None = None) -> KVCache:
+    def fork(self, length: int | None = None, device: torch.device | str | None = None) -> KVCache:
         """An independent copy of the first ``length`` cached tokens (default: all).
 
         One copy of the filled prefix; the new cache has room for it (and grows
-        when appended to) and shares the budget.
+        when appended to) and shares the budget. With ``device``, the copy
+        lives there (every layer's storage).
         """
         length = self.length if length is None else length
         if not 0 <= length <= self.length:
             raise ValueError(f"fork length {length} outside 0..{self.length}")
         new = KVCache.__new__(KVCache)
         new.budget, new.length, new._parent, new._parent_length = self.budget, length, None, 0
-        new.k = [t.new_empty((0, *t.shape[1:])) for t in self.k]
-        new.v = [t.new_empty((0, *t.shape[1:])) for t in self.v]
+        new.k = [t.new_empty((0, *t.shape[1:]), device=device or t.device) for t in self.k]
+        new.v = [t.new_empty((0, *t.shape[1:]), device=device or t.device) for t in self.v]
         new._allocate(CacheBudget.rounded(length), copy=0, need=length)
         for dst, src in zip(new.k + new.v, self.k + self.v):
             dst[:length] = src[:length]

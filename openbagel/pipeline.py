@@ -33,7 +33,7 @@ from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE
 from openbagel.packing import flattened_position_ids, patchify, unpatchify
-from openbagel.placement import LayerOffload, is_placed, place_layers
+from openbagel.placement import LayerOffload, is_placed, place_layers, replicate_for_branches
 from openbagel.quantize import QuantSpec, quantize_model, read_quant_info
 from openbagel.tokenizer import Tokenizer
 
@@ -409,6 +409,7 @@ class BagelPipeline:
         max_cache_bytes: int | None = None,
         quant: str | QuantSpec | None = None,
         offload: str | None = None,
+        parallel: str = "layers",
     ) -> BagelPipeline:
         """Load a checkpoint folder (or a Hugging Face cache snapshot folder), offline.
 
@@ -420,8 +421,7 @@ class BagelPipeline:
             dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations); default
                 float32, or the dtype a quantized folder was saved in.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or several
-                (``"cuda:0,cuda:1"``): the decoder layers are split across them
-                in contiguous blocks, the rest on the first.
+                (``"cuda:0,cuda:1"``), shared as ``parallel`` says.
             adapter: a LoRA adapter folder (from ``openbagel train``), merged into the weights.
             max_cache_bytes: KV-cache budget of each conversation; a context
                 that would need more is refused with ``CacheBudgetError``.
@@ -429,6 +429,11 @@ class BagelPipeline:
                 ``"llm=nf4,vit=int8"`` (see :mod:`openbagel.quantize`).
             offload: ``"layers"``: decoder layers stay in CPU memory and are
                 copied to the device one ahead of use (see :class:`~openbagel.placement.LayerOffload`).
+            parallel: with several devices, ``"layers"``: the decoder layers
+                split across them in contiguous blocks, the rest on the first
+                (for a model too big for one); ``"branches"``: a whole copy on
+                each, the guidance branches of every denoising step run side by
+                side (each device must hold the whole model).
         Raises:
             CheckpointError: missing, corrupt or mismatched files.
             InvalidInputError: bad dtype, quantization or offload; unavailable device.
@@ -441,6 +446,10 @@ class BagelPipeline:
         offload = offload == "layers"
         if offload and len(devices) > 1:
             raise InvalidInputError("offload runs the layers on one device; give a single device with offload")
+        if parallel not in ("layers", "branches"):
+            raise InvalidInputError(f"parallel must be 'layers' or 'branches', got {parallel!r}")
+        if parallel == "branches" and len(devices) < 2:
+            raise InvalidInputError("parallel guidance branches need several devices, e.g. cuda:0,cuda:1,cuda:2")
         if path is None:
             path = DEFAULT_MODEL
         if not isinstance(path, (str, Path)):
@@ -472,7 +481,9 @@ class BagelPipeline:
         if spec.active:  # straight to the device when the layers will all live there
             quantize_model(model, spec, device=main if len(devices) == 1 and not offload else "cpu")
         offloaded = LayerOffload(model, main) if offload else None
-        if len(devices) > 1:
+        if len(devices) > 1 and parallel == "branches":
+            replicate_for_branches(model, devices)
+        elif len(devices) > 1:
             place_layers(model, devices)
         elif staged and not offload:
             model.to(main)

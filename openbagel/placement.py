@@ -20,6 +20,7 @@ The KV cache keeps each layer's keys on the device that layer runs on
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import weakref
 from dataclasses import dataclass
@@ -46,15 +47,57 @@ def layer_devices(model: nn.Module) -> list[torch.device]:
     return [model.vae2llm.weight.device] * len(model.language_model.model.layers)
 
 
+#: Of each model replicated for parallel guidance branches: the model itself, then its copies.
+_REPLICAS: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+
+
 def describe_placement(model: nn.Module) -> str | None:
     """A line saying where the layers live (None: all on one device, nothing to say)."""
     placed = _PLACED.get(model)
-    return None if placed is None else placed[1]
+    if placed is not None:
+        return placed[1]
+    replicas = _REPLICAS.get(model)
+    if replicas is None:
+        return None
+    devices = ", ".join(str(r.vae2llm.weight.device) for r in replicas)
+    return (
+        f"placement: a whole copy of the model on each of {devices}; the guidance branches of a step run side by side"
+    )
+
+
+def branch_replicas(model: nn.Module) -> list[nn.Module]:
+    """The copies of ``model`` that guidance branches are spread over (just ``[model]`` unless replicated)."""
+    return _REPLICAS.get(model, [model])
+
+
+def replicate_for_branches(model: nn.Module, devices: list[torch.device]) -> list[nn.Module]:
+    """A whole copy of ``model`` on each device (the first is ``model`` itself), for parallel guidance branches.
+
+    Each device must hold the whole model (quantize it if needed: ``openbagel
+    plan``). The guidance branches of a denoising step are then spread over the
+    copies and run side by side (:class:`~openbagel.inference.denoise.ParallelQuery`);
+    everything else runs on the first device.
+
+    Raises:
+        InvalidInputError: the model is placed or replicated already.
+    """
+    _check_unplaced(model)
+    replicas = [model.to(devices[0])]
+    for device in devices[1:]:
+        replicas.append(copy.deepcopy(model).to(device))
+    _REPLICAS[model] = replicas
+    return replicas
 
 
 def is_placed(model: nn.Module) -> bool:
-    """Whether :func:`place_layers` or :class:`LayerOffload` was applied to ``model``."""
+    """Whether :func:`place_layers` or :class:`LayerOffload` was applied to ``model`` (its layers are not all
+    resident on one device)."""
     return model in _PLACED
+
+
+def _check_unplaced(model: nn.Module) -> None:
+    if is_placed(model) or model in _REPLICAS:
+        raise InvalidInputError("the model is placed already; load it again to place it differently")
 
 
 def _move(obj, device: torch.device):
@@ -103,8 +146,7 @@ def place_layers(model: nn.Module, devices: list[torch.device], assignment: list
         InvalidInputError: the model is placed already, or an assignment of the wrong length.
     """
     layers = model.language_model.model.layers
-    if is_placed(model):
-        raise InvalidInputError("the model's layers are placed already; load it again to place them differently")
+    _check_unplaced(model)
     assignment = split_evenly(len(layers), len(devices)) if assignment is None else list(assignment)
     if len(assignment) != len(layers) or any(not 0 <= a < len(devices) for a in assignment):
         raise InvalidInputError(
@@ -173,8 +215,7 @@ class LayerOffload:
     def __init__(self, model: nn.Module, device: torch.device | str):
         from openbagel.quantize import module_bytes
 
-        if is_placed(model):
-            raise InvalidInputError("the model's layers are placed already; load it again to offload them")
+        _check_unplaced(model)
         self.device = device = torch.device(device)
         self.layers = layers = model.language_model.model.layers
         _move_all_but_layers(model, device)

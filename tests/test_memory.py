@@ -234,6 +234,46 @@ def test_layers_split_across_devices_same_numbers():
         pipe.compile()
 
 
+def test_guidance_branches_side_by_side_on_copies():
+    """Whole copies on three CPU "devices": each guidance branch of a step on its own copy, same numbers."""
+    from openbagel.fidelity import final_latents
+    from openbagel.inference.denoise import ParallelQuery
+    from openbagel.placement import branch_replicas, replicate_for_branches
+
+    ref = BagelPipeline.from_pretrained()
+    pipe = BagelPipeline.from_pretrained()
+    replicas = replicate_for_branches(pipe.model, [CPU, CPU, CPU])
+    assert len(replicas) == 3 and replicas[0] is pipe.model and branch_replicas(pipe.model) == replicas
+    assert describe_placement(pipe.model).startswith("placement: a whole copy of the model on each of cpu, cpu, cpu")
+    built = []
+    init = ParallelQuery.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        built.append([idx for idx, _ in self.parts])
+
+    prompts = ["a red circle above a blue square", "a green triangle"]
+    import unittest.mock
+
+    with unittest.mock.patch.object(ParallelQuery, "__init__", spy):
+        a = final_latents(ref, prompts, num_timesteps=4)
+        b = final_latents(pipe, prompts, num_timesteps=4)
+    assert built and all(parts == [[0], [1]] for parts in built)  # full and text-free: one copy each
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    image = Image.new("RGB", (64, 64), "white")
+    with unittest.mock.patch.object(ParallelQuery, "__init__", spy):
+        e1 = ref.edit(image, "add a red circle", seed=0, num_timesteps=4)
+        e2 = pipe.edit(image, "add a red circle", seed=0, num_timesteps=4)
+    assert built[-1] == [[0], [1], [2]]  # the three branches of an edit on three copies
+    assert np.abs(_image(e1) - _image(e2)).max() <= 1
+    with pytest.raises(InvalidInputError, match="placed already"):
+        place_layers(pipe.model, [CPU, CPU])
+    with pytest.raises(InvalidInputError, match="need several devices"):
+        BagelPipeline.from_pretrained(parallel="branches")
+    with pytest.raises(InvalidInputError, match="'layers' or 'branches'"):
+        BagelPipeline.from_pretrained(parallel="tensor")
+
+
 def test_kv_cache_per_layer_devices():
     from openbagel.kv_cache import KVCache
 

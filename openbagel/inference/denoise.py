@@ -20,6 +20,7 @@ Nothing here is kept in a cache: the queries are never committed.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -142,3 +143,61 @@ class BatchedQuery:
         )
         hidden = self.model(seg, self)
         return self.model.velocity(hidden[2 * b :]).view(b, n, c)
+
+
+class ParallelQuery:
+    """The branches of a :class:`BatchedQuery` spread over whole copies of the model on several devices.
+
+    Branch ``i`` runs on copy ``i mod D``; each copy but the first gets its
+    branches' contexts copied to its device once, when the query is built (the
+    contexts do not change while an image is denoised), and at every step the
+    copies run side by side (one thread each; on GPUs the kernels overlap),
+    their velocities gathered on the first device. Same numbers as one
+    :class:`BatchedQuery` up to float rounding (other batch shapes).
+
+    Args:
+        replicas: the model and its copies (:func:`~openbagel.placement.replicate_for_branches`).
+        branches, position_ids, special: as :class:`BatchedQuery`.
+    """
+
+    def __init__(self, replicas: list[Bagel], branches: list[Branch], position_ids: Tensor, special: SpecialIds):
+        self.parts: list[tuple[list[int], BatchedQuery]] = []
+        for r, model in enumerate(replicas):
+            idx = list(range(r, len(branches), len(replicas)))
+            if not idx:
+                continue
+            device = model.vae2llm.weight.device
+            # the first copy reads the contexts in place; the others get copies of them (on
+            # their device; their query keys must not land in the storage the first one writes to)
+            moved = [
+                br if r == 0 else Branch(br.cache.fork(br.length, device), br.length, br.rope)
+                for br in (branches[i] for i in idx)
+            ]
+            self.parts.append((idx, BatchedQuery(model, moved, position_ids.to(device), special)))
+
+    def velocities(self, x: Tensor, t: Tensor) -> Tensor:
+        """As :meth:`BatchedQuery.velocities`: ``[B, n, C]`` float32 on ``x``'s device."""
+        results: list[Tensor | BaseException | None] = [None] * len(self.parts)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # per thread in torch
+
+        def run(k: int) -> None:
+            idx, query = self.parts[k]
+            device = query.seg.positions.device
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    results[k] = query.velocities(x[idx].to(device), t.to(device)).to(x.device)
+            except BaseException as e:  # raised again in the caller's thread
+                results[k] = e
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(1, len(self.parts))]
+        for th in threads:
+            th.start()
+        run(0)
+        for th in threads:
+            th.join()
+        out = x.new_empty(x.shape)
+        for (idx, _), res in zip(self.parts, results):
+            if isinstance(res, BaseException):
+                raise res
+            out[idx] = res
+        return out

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from openbagel.errors import NumericalError
-from openbagel.inference.denoise import BatchedQuery
+from openbagel.inference.denoise import BatchedQuery, ParallelQuery
 from openbagel.inference.sampling import (
     ImageSampling,
     TextSampling,
@@ -29,6 +29,7 @@ from openbagel.inference.static_decode import StaticDecoder
 from openbagel.inference.step_cache import StepCacheSettings, TaylorStepCache
 from openbagel.model.bagel import Bagel
 from openbagel.packing import SpecialIds, flattened_position_ids, latent_segment, text_segment
+from openbagel.placement import branch_replicas
 
 
 def decode_tokens(
@@ -210,7 +211,7 @@ def generate_latents_batch(
         }
     else:
         branches = {(j, kind): s.branch(kind) for j, s in enumerate(sessions) for kind in (FULL, TEXT_FREE, IMAGE_FREE)}
-        queries: dict[tuple, BatchedQuery] = {}
+        queries: dict[tuple, BatchedQuery | ParallelQuery] = {}
     cache = TaylorStepCache(step_cache) if step_cache is not None else None
 
     ts = flow_schedule(params.num_timesteps, params.timestep_shift).to(device)
@@ -237,7 +238,13 @@ def generate_latents_batch(
         elif run:
             key = tuple(run)
             if key not in queries:
-                queries[key] = BatchedQuery(model, [branches[k] for k in run], position_ids, special)
+                replicas = branch_replicas(model)
+                chosen = [branches[k] for k in run]
+                queries[key] = (
+                    ParallelQuery(replicas, chosen, position_ids, special)
+                    if len(replicas) > 1 and len(chosen) > 1
+                    else BatchedQuery(model, chosen, position_ids, special)
+                )
             out = queries[key].velocities(x[[j for j, _ in run]], t)
             v.update(zip(run, out))
         if cache is not None:  # each branch keeps its own history

@@ -326,8 +326,9 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         from openbagel.pipeline import BagelPipeline
 
         return BagelPipeline.from_pretrained(
-            settings.model, dtype=settings.dtype, device=settings.device, quant=settings.quant, offload=settings.offload
-        )
+            settings.model, dtype=settings.dtype, device=settings.device, quant=settings.quant,
+            offload=settings.offload, parallel=settings.parallel,
+        )  # fmt: skip
 
     engine = Engine(load, settings.max_queue, settings.max_concurrency, metrics)
     name = settings.served_name

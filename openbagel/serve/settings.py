@@ -46,7 +46,7 @@ class ServeSettings:
         model: checkpoint folder; ``None`` serves the embedded default model.
         model_name: the id in ``/v1/models`` and responses (default: the
             folder's name, ``openbagel-shapes`` for the embedded model).
-        dtype, device, quant, offload: as :meth:`~openbagel.pipeline.BagelPipeline.from_pretrained`.
+        dtype, device, quant, offload, parallel: as :meth:`~openbagel.pipeline.BagelPipeline.from_pretrained`.
         api_key: when set, every ``/v1`` route needs ``Authorization: Bearer KEY``.
         max_queue: requests waiting for the engine; one more is answered 429.
         max_concurrency: requests inside the engine at once (each in its own thread).
@@ -62,6 +62,7 @@ class ServeSettings:
     device: str = "cpu"
     quant: str | None = None
     offload: str | None = None
+    parallel: str = "layers"
     api_key: str | None = None
     max_queue: int = 16
     max_concurrency: int = 1
