@@ -484,13 +484,14 @@ def build_variants(model: Bagel, device: torch.device, quant=None, offload: bool
     from openbagel.quantize import quantize_model
 
     out = {}
-    if quant is not None and quant.active:
+    quantized = quant is not None and quant.active
+    if quantized:
         out[f"quant {quant}"] = quantize_model(copy.deepcopy(model), quant, device)
-    if offload:
-        base = out.get(f"quant {quant}", model) if quant is not None and quant.active else model
-        moved = copy.deepcopy(base).to("cpu")
-        LayerOffload(moved, device)
-        out["offload" + (f" + {quant}" if quant is not None and quant.active else "")] = moved
+    if offload:  # the plain weights offloaded, and the quantized ones too
+        for name, base in [("offload", model)] + ([(f"offload + {quant}", out[f"quant {quant}"])] if quantized else []):
+            moved = copy.deepcopy(base).to("cpu")
+            LayerOffload(moved, device)
+            out[name] = moved
     return out
 
 

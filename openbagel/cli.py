@@ -26,8 +26,8 @@ ModelOpt = typer.Option(
     None,
     "--model",
     "-m",
-    help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files); "
-    "default: the embedded shapes-world model.",
+    help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files; "
+    "or a folder from openbagel quantize); default: the embedded shapes-world model.",
     envvar="OPENBAGEL_MODEL",
     show_default=False,
 )
@@ -40,15 +40,16 @@ DeviceOpt = typer.Option(
 DtypeOpt = typer.Option(
     None,
     "--dtype",
-    help="Weights and activations: float32 or bfloat16 (default float32; a quantized folder: the dtype it was saved in).",
+    help="Weights and activations: float32 or bfloat16 (default: bfloat16 on CUDA, float32 otherwise; "
+    "a quantized folder: the dtype it was saved in).",
     show_default=False,
 )
 QuantOpt = typer.Option(
     None,
     "--quant",
     help="Weight-only quantization per part: PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 "
-    "(e.g. llm=int8, or llm=nf4,vit=int8; a bare mode means llm=MODE). Default: none. "
-    "Save the result with openbagel quantize for a fast start.",
+    "(e.g. llm=int8, or llm=nf4,vit=int8; a bare mode means llm=MODE). Default: none. Needs the quant extra "
+    "(pip install -e '.[quant]'). Save the result with openbagel quantize for a fast start.",
     show_default=False,
 )
 ParallelOpt = typer.Option(
@@ -60,8 +61,9 @@ ParallelOpt = typer.Option(
 OffloadOpt = typer.Option(
     None,
     "--offload",
-    help="layers: keep the decoder layers in CPU memory and copy each to the device just before it runs "
-    "(the next one meanwhile); fits small GPUs, slower. See openbagel plan.",
+    help="layers (the only mode; default: no offload): keep the decoder layers in CPU memory and copy each to "
+    "the GPU just before it runs (the next one meanwhile). Fits small GPUs, but every forward (each denoising "
+    "step, each decoded token) copies all layers. One device only. See openbagel plan.",
     show_default=False,
 )
 SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
@@ -713,7 +715,9 @@ def train(
 def quantize(
     output: Path = typer.Option(..., "--output", "-o", help="New checkpoint folder for the quantized model."),
     quant: str = typer.Option(
-        ..., "--quant", help="PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 (e.g. llm=nf4)."
+        ...,
+        "--quant",
+        help="PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 (e.g. llm=nf4; a bare mode means llm=MODE).",
     ),
     model: Optional[str] = ModelOpt,
     adapter: Optional[Path] = AdapterOpt,
@@ -745,7 +749,11 @@ def quantize(
 
 @app.command()
 def plan(
-    gpu_mem: str = typer.Option(..., "--gpu-mem", help="Memory of each GPU, e.g. 24GB or 16GiB."),
+    gpu_mem: str = typer.Option(
+        ...,
+        "--gpu-mem",
+        help="Memory of each GPU with a unit, as nvidia-smi shows it: 24GiB, 24564MiB (a '24 GB' card has 24 GiB).",
+    ),
     model: Optional[str] = ModelOpt,
     config_name: Optional[str] = typer.Option(
         None,
@@ -756,10 +764,13 @@ def plan(
     quant: Optional[str] = typer.Option(
         None,
         "--quant",
-        help="Plan this quantization (PART=MODE,...) next to bfloat16; default: bfloat16, llm=int8 and llm=nf4.",
+        help="Plan this quantization (PART=MODE,..., or a bare mode for llm) next to bfloat16; "
+        "default: bfloat16, llm=int8 and llm=nf4.",
         show_default=False,
     ),
-    devices: int = typer.Option(1, "--devices", help="GPUs to split the decoder layers across."),
+    devices: int = typer.Option(
+        1, "--devices", help="GPUs to split the decoder layers across (offload rows are for one GPU only)."
+    ),
     task: str = typer.Option("edit", "--task", help="The session to budget for: t2i, edit or understand."),
     size: str = typer.Option("1024x1024", "--size", help="WxH of the generated (t2i) or input image."),
     think: bool = typer.Option(False, "--think", help="The session reasons in text first."),
@@ -775,12 +786,20 @@ def plan(
         from openbagel.checkpoint import resolve_checkpoint_dir
         from openbagel.config import config_from_checkpoint, preset
         from openbagel.kv_cache import parse_bytes
-        from openbagel.pipeline import DEFAULT_MODEL, THINK_GENERATE_PROMPT, THINK_UNDERSTAND_PROMPT, parse_dtype
+        from openbagel.pipeline import (
+            DEFAULT_MODEL,
+            THINK_GENERATE_PROMPT,
+            THINK_UNDERSTAND_PROMPT,
+            check_size,
+            parse_dtype,
+        )
         from openbagel.plan import Workload, make_plan
         from openbagel.quantize import QuantSpec, read_quant_info
         from openbagel.tokenizer import Tokenizer
 
         gpu = parse_bytes(gpu_mem, "--gpu-mem")
+        if not any(c.isalpha() for c in gpu_mem):
+            raise InvalidInputError(f"--gpu-mem needs a unit, e.g. 24GiB or 24564MiB; got {gpu_mem!r}")
         dt = parse_dtype(dtype)
         height, width = _parse_size(size)
         system = THINK_UNDERSTAND_PROMPT if task == "understand" else THINK_GENERATE_PROMPT
@@ -800,8 +819,15 @@ def plan(
         else:
             specs = [QuantSpec(), QuantSpec(llm="int8"), QuantSpec(llm="nf4")]
         workload = Workload(task, height, width, think, max_think_tokens, prompt_tokens)
+        if task == "t2i":
+            check_size(config, height, width)
         result = make_plan(config, dt, gpu, workload, specs, devices, system_tokens)
         typer.echo(result.table())
+        if "gb" in gpu_mem.lower() and "gib" not in gpu_mem.lower():
+            typer.echo(
+                f"note: {gpu_mem} was read as {gpu:,} bytes ({gpu / 2**30:.1f} GiB); cards sold as N GB have "
+                "about N GiB (nvidia-smi's MiB): pass --gpu-mem NGiB"
+            )
 
     _run(body)
 

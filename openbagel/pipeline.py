@@ -419,7 +419,7 @@ class BagelPipeline:
                 (or a folder written by :func:`~openbagel.quantize.save_quantized`);
                 ``None`` loads the embedded shapes-world model (:data:`DEFAULT_MODEL`).
             dtype: ``"float32"`` or ``"bfloat16"`` (weights and activations); default
-                float32, or the dtype a quantized folder was saved in.
+                bfloat16 on CUDA, float32 elsewhere, or the dtype a quantized folder was saved in.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or several
                 (``"cuda:0,cuda:1"``), shared as ``parallel`` says.
             adapter: a LoRA adapter folder (from ``openbagel train``), merged into the weights.
@@ -457,7 +457,8 @@ class BagelPipeline:
         folder = resolve_checkpoint_dir(path)
         config = config_from_checkpoint(folder)
         stored = read_quant_info(folder)
-        dt = parse_dtype(dtype if dtype is not None else stored[1] if stored else "float32")
+        default = "bfloat16" if main.type == "cuda" else "float32"  # GPUs run BAGEL in bf16
+        dt = parse_dtype(dtype if dtype is not None else stored[1] if stored else default)
         if stored is not None:
             if spec.active and spec != stored[0]:
                 raise InvalidInputError(
@@ -465,7 +466,8 @@ class BagelPipeline:
                     "or quantize the original checkpoint instead"
                 )
             if dt != stored[1]:
-                raise InvalidInputError(f"{folder} was quantized in {stored[1]}; load it with that dtype")
+                name = str(stored[1]).removeprefix("torch.")
+                raise InvalidInputError(f"{folder} was quantized in {name}; load it with --dtype {name} (or no dtype)")
             if adapter is not None:
                 raise InvalidInputError("merge the LoRA adapter into the original checkpoint before quantizing it")
         tokenizer = Tokenizer.from_folder(folder)

@@ -150,11 +150,14 @@ def _is_nf4(module: nn.Module) -> bool:
 
 
 def _torchao_config(mode: str):
+    """torchao's config for ``mode`` (``int8``: int8, else fp8), torchao imported quietly."""
     try:
         with quiet_imports():
             from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError as e:
-        raise InvalidInputError(f"{mode} quantization needs torchao: pip install torchao ({e})") from None
+        raise InvalidInputError(
+            f"{mode} needs torchao: pip install -e '.[quant]' (or pip install torchao) ({e})"
+        ) from None
     return Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
 
 
@@ -163,7 +166,9 @@ def _bnb():
         with quiet_imports():
             import bitsandbytes
     except ImportError as e:
-        raise InvalidInputError(f"nf4 quantization needs bitsandbytes: pip install bitsandbytes ({e})") from None
+        raise InvalidInputError(
+            f"nf4 quantization needs bitsandbytes: pip install -e '.[quant]' (or pip install bitsandbytes) ({e})"
+        ) from None
     return bitsandbytes
 
 
@@ -322,8 +327,9 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
 
 def _flatten(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """torchao's tensor subclasses as plain tensors plus JSON metadata (its safetensors support)."""
-    _torchao_config("int8")  # torchao, imported quietly
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    _torchao_config("saving a quantized model")  # torchao, imported quietly
+    with quiet_imports():
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     return flatten_tensor_state_dict(sd)
 
@@ -363,8 +369,9 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read the quantized weights ({e})") from None
-    _torchao_config("int8")  # torchao, imported quietly, rebuilds its tensor classes
-    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    _torchao_config("loading a quantized folder")  # torchao, imported quietly, rebuilds its tensor classes
+    with quiet_imports():
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     try:
         sd, leftover = unflatten_tensor_state_dict(tensors, metadata)
