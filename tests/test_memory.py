@@ -331,20 +331,27 @@ def test_planned_kv_cache_equals_measured(monkeypatch, task, think):
 
 
 def test_plan_cli_7b():
-    r = runner.invoke(app, ["plan", "--config", "7b-mot", "--gpu-mem", "24GB", "--think"])
+    r = runner.invoke(app, ["plan", "--config", "7b-mot", "--gpu-mem", "24GiB", "--think"])
     assert r.exit_code == 0, r.output
     table = r.output.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("choice"))
     rows = {line[:26].strip(): line[26:] for line in table[header + 1 :]}
     assert set(rows) == {"bf16", "bf16 + offload", "llm=int8", "llm=int8 + offload", "llm=nf4", "llm=nf4 + offload"}
     fits = {name: re.search(r"\s(yes|no)\s", row).group(1) for name, row in rows.items()}
-    # 27.4 GiB of bf16 weights do not fit a 24 GB card; int8, nf4 and every offload do
+    # 27.4 GiB of bf16 weights do not fit a 24 GiB card; int8, nf4 and every offload do
     assert fits == {name: "no" if name == "bf16" else "yes" for name in rows}
     assert rows["bf16"].split()[:2] == ["27.4", "GiB"]
-    r = runner.invoke(app, ["plan", "--config", "7b-mot", "--gpu-mem", "24GB", "--devices", "2", "--quant", "llm=int8"])
-    assert r.exit_code == 0 and "layers split 14/14" in r.output
-    r = runner.invoke(app, ["plan", "--gpu-mem", "lots"])
-    assert r.exit_code == 2 and "--gpu-mem must be a size" in r.output
+    r = runner.invoke(app, ["plan", "--config", "7b-mot", "--gpu-mem", "24GB", "--devices", "2", "--quant", "int8"])
+    assert r.exit_code == 0 and "layers split 14/14" in r.output and "llm=int8" in r.output
+    assert "24GB was read as 24,000,000,000 bytes (22.4 GiB)" in r.output
+    for args, words in (
+        (["--gpu-mem", "lots"], "--gpu-mem must be a size"),
+        (["--gpu-mem", "24"], "--gpu-mem needs a unit"),
+        (["--gpu-mem", "24GiB", "--task", "t2i", "--size", "1000x1000"], "not a multiple of 16"),
+        (["--gpu-mem", "24GiB", "--task", "paint"], "unknown task 'paint'"),
+    ):
+        r = runner.invoke(app, ["plan", "--config", "7b-mot", *args])
+        assert r.exit_code == 2 and words in r.output, (args, r.output)
 
 
 def test_plan_shares_layers_and_cache_between_devices():
