@@ -879,9 +879,11 @@ def serve(
 
         import uvicorn
 
+        from openbagel.pipeline import check_memory_options
         from openbagel.serve import Limits, ServeSettings, create_app
 
         _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
+        check_memory_options(device, quant, offload, parallel)
         if with_ui:
             _require_gradio()
         if not 0 < max_body_mb < 1e6:

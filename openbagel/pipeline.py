@@ -124,6 +124,30 @@ def parse_devices(device: str | torch.device | Sequence[str | torch.device]) -> 
     return devices
 
 
+def check_memory_options(
+    device, quant: str | QuantSpec | None, offload: str | None, parallel: str
+) -> tuple[list[torch.device], QuantSpec, bool]:
+    """Check the memory options of :meth:`BagelPipeline.from_pretrained` before anything loads.
+
+    Returns:
+        The devices, the quantization and whether the layers are offloaded.
+    Raises:
+        InvalidInputError: an unknown or unavailable device, quantization, offload or parallel mode,
+            or a combination that cannot work.
+    """
+    devices = parse_devices(device)
+    spec = quant if isinstance(quant, QuantSpec) else QuantSpec.parse(quant)
+    if offload not in (None, "none", "layers"):
+        raise InvalidInputError(f"offload must be 'layers' (or none), got {offload!r}")
+    if offload == "layers" and len(devices) > 1:
+        raise InvalidInputError("offload runs the layers on one device; give a single device with offload")
+    if parallel not in ("layers", "branches"):
+        raise InvalidInputError(f"parallel must be 'layers' or 'branches', got {parallel!r}")
+    if parallel == "branches" and len(devices) < 2:
+        raise InvalidInputError("parallel guidance branches need several devices, e.g. cuda:0,cuda:1,cuda:2")
+    return devices, spec, offload == "layers"
+
+
 def make_generator(seed: int | None) -> torch.Generator | None:
     """A CPU ``torch.Generator`` seeded with ``seed`` (None: no generator).
 
@@ -438,18 +462,8 @@ class BagelPipeline:
             CheckpointError: missing, corrupt or mismatched files.
             InvalidInputError: bad dtype, quantization or offload; unavailable device.
         """
-        devices = parse_devices(device)
+        devices, spec, offload = check_memory_options(device, quant, offload, parallel)
         main = devices[0]
-        spec = quant if isinstance(quant, QuantSpec) else QuantSpec.parse(quant)
-        if offload not in (None, "none", "layers"):
-            raise InvalidInputError(f"offload must be 'layers' (or none), got {offload!r}")
-        offload = offload == "layers"
-        if offload and len(devices) > 1:
-            raise InvalidInputError("offload runs the layers on one device; give a single device with offload")
-        if parallel not in ("layers", "branches"):
-            raise InvalidInputError(f"parallel must be 'layers' or 'branches', got {parallel!r}")
-        if parallel == "branches" and len(devices) < 2:
-            raise InvalidInputError("parallel guidance branches need several devices, e.g. cuda:0,cuda:1,cuda:2")
         if path is None:
             path = DEFAULT_MODEL
         if not isinstance(path, (str, Path)):

@@ -288,6 +288,10 @@ def test_device_list_errors():
         BagelPipeline.from_pretrained(device="cpu,cpu")
     with pytest.raises(InvalidInputError, match="offload must be 'layers'"):
         BagelPipeline.from_pretrained(offload="disk")
+    # the server checks them before it listens (the model loads in the background afterwards)
+    for args, words in ((["--quant", "foo"], "unknown quantization 'foo'"), (["--parallel", "x"], "'layers' or")):
+        r = runner.invoke(app, ["serve", "--port", "8931", *args])
+        assert r.exit_code == 2 and words in r.output, r.output
 
 
 # --- the planner ----------------------------------------------------------------------
