@@ -614,7 +614,7 @@ def run_bench(
     prompt_tokens: int = 32,
     decode_tokens_n: int = 32,
     long_context: int = 9000,
-    dtype: str = "float32",
+    dtype: str | None = "float32",
     device: str = "cpu",
     model_dir: str | None = None,
     step_cache: StepCacheSettings | None = None,
@@ -642,9 +642,10 @@ def run_bench(
     from openbagel.pipeline import parse_device, parse_dtype
     from openbagel.quantize import QuantSpec
 
-    dev, dt = parse_device(device), parse_dtype(dtype)
+    dev = parse_device(device)
+    dt = parse_dtype(dtype) if dtype is not None else None  # None: float32, or as the checkpoint loads
     spec = QuantSpec.parse(quant)
-    if offload not in (None, "layers"):
+    if offload not in (None, "none", "layers"):
         raise InvalidInputError(f"--offload must be 'layers', got {offload!r}")
     for t in tasks:
         if t not in TASKS:
@@ -666,6 +667,7 @@ def run_bench(
 
         pipe = BagelPipeline.from_pretrained(model_dir, dtype=dt, device=dev)
         name, model, vae, cfg, special = Path(model_dir).name, pipe.model, pipe.vae, pipe.config, pipe.tokenizer.special
+        dt = model.dtype
         tokenizer = pipe.tokenizer
     else:
         if config not in CONFIGS:
@@ -682,7 +684,7 @@ def run_bench(
             if json_path is not None:
                 write_json([{"config": config, "task": "accounting", "size": size, **acc}], json_path)
             return []
-        name = config
+        name, dt = config, dt or torch.float32
         log(f"building {config} with random weights ({dt}, {dev}) ...")
         model, vae = build_random(cfg, dt, dev)
         special = special_ids(cfg.llm.vocab_size)
@@ -694,7 +696,7 @@ def run_bench(
         name, model, vae, cfg, special, dev, size, steps, batch, prompt_tokens, decode_tokens_n, long_context,
         step_cache, tokenizer=tokenizer, prompt_text=prompt,
     )  # fmt: skip
-    if spec.active or offload:
+    if spec.active or offload == "layers":
         log("building the memory modes ...")
         setup.variants = build_variants(model, dev, spec, offload == "layers")
     if compile:

@@ -732,14 +732,16 @@ def quantize(
         from openbagel.checkpoint import resolve_checkpoint_dir
         from openbagel.kv_cache import format_bytes
         from openbagel.pipeline import DEFAULT_MODEL, BagelPipeline
-        from openbagel.quantize import QuantSpec, module_bytes, save_quantized
+        from openbagel.quantize import QuantSpec, check_new_folder, module_bytes, read_quant_info, save_quantized
 
         spec = QuantSpec.parse(quant)
         if not spec.active:
             raise InvalidInputError("--quant quantizes nothing; give a mode, for example --quant llm=int8")
-        if (output / "llm_config.json").exists():
-            raise InvalidInputError(f"{output} already holds a checkpoint; choose a new folder")
+        check_new_folder(output)
         source = resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model)
+        stored = read_quant_info(source)
+        if stored is not None:
+            raise InvalidInputError(f"{source} is quantized already ({stored[0]}); quantize the original checkpoint")
         pipe = BagelPipeline.from_pretrained(source, dtype=dtype, device=device, adapter=adapter, quant=spec)
         save_quantized(pipe.model, spec, source, output)
         typer.echo(f"wrote {output} ({spec}, {format_bytes(module_bytes(pipe.model))} of weights without the VAE)")
@@ -758,7 +760,7 @@ def plan(
     config_name: Optional[str] = typer.Option(
         None,
         "--config",
-        help="Plan a preset instead of a folder: 7b-mot, small, shapes (no files needed).",
+        help="Plan a preset instead of a folder: 7b-mot, small, shapes, tiny (no files needed).",
         show_default=False,
     ),
     quant: Optional[str] = typer.Option(
@@ -784,7 +786,7 @@ def plan(
 
     def body():
         from openbagel.checkpoint import resolve_checkpoint_dir
-        from openbagel.config import config_from_checkpoint, preset
+        from openbagel.config import PRESETS, config_from_checkpoint
         from openbagel.kv_cache import parse_bytes
         from openbagel.pipeline import (
             DEFAULT_MODEL,
@@ -806,13 +808,22 @@ def plan(
         if config_name is not None:
             if model is not None:
                 raise InvalidInputError("give --model or --config, not both")
-            config, stored = preset(config_name), None
+            name = {"tiny": "tiny-golden"}.get(config_name, config_name)
+            if name not in PRESETS:
+                raise InvalidInputError(f"unknown --config {config_name!r}; choose one of {', '.join(PRESETS)}")
+            config, stored = PRESETS[name], None
             system_tokens = len(system) // 4  # no tokenizer: about 4 characters per token
         else:
             folder = resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model)
             config, stored = config_from_checkpoint(folder), read_quant_info(folder)
             system_tokens = len(Tokenizer.from_folder(folder).encode(system))
         if stored is not None:
+            if quant is not None and QuantSpec.parse(quant) != stored[0]:
+                raise InvalidInputError(f"the folder is quantized as {stored[0]}; drop --quant to plan it")
+            if dt != stored[1]:
+                raise InvalidInputError(
+                    f"the folder was quantized in {str(stored[1]).removeprefix('torch.')}; plan it with that --dtype"
+                )
             specs = [stored[0]]
         elif quant is not None:
             specs = [QuantSpec(), QuantSpec.parse(quant)]
@@ -821,6 +832,12 @@ def plan(
         workload = Workload(task, height, width, think, max_think_tokens, prompt_tokens)
         if task == "t2i":
             check_size(config, height, width)
+        if max_think_tokens is not None and max_think_tokens < 0:
+            raise InvalidInputError(f"--max-think-tokens must be 0 or more, got {max_think_tokens}")
+        if devices > config.llm.num_layers:
+            raise InvalidInputError(
+                f"--devices {devices} is more than the model's {config.llm.num_layers} decoder layers (one each at most)"
+            )
         result = make_plan(config, dt, gpu, workload, specs, devices, system_tokens)
         typer.echo(result.table())
         if "gb" in gpu_mem.lower() and "gib" not in gpu_mem.lower():
@@ -1077,8 +1094,14 @@ def bench(
     cache_warmup: int = CacheWarmupOpt,
     compile_: bool = CompileOpt,
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
-    device: str = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt,
+    device: str = typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps (one device)."),
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        help="float32 or bfloat16 (default float32; with --model, as openbagel generate: bfloat16 on CUDA, "
+        "a quantized folder's own).",
+        show_default=False,
+    ),
     quant: Optional[str] = typer.Option(
         None,
         "--quant",
@@ -1111,7 +1134,7 @@ def bench(
             _check_json_output(json_out)
         tasks = TASKS if "all" in task else tuple(dict.fromkeys(task))
         run_bench(
-            config, tasks, size, steps, runs, batch, 32, decode_tokens, long_context, dtype or "float32", device, model,
+            config, tasks, size, steps, runs, batch, 32, decode_tokens, long_context, dtype, device, model,
             _step_cache(cache, cache_interval, cache_order, cache_warmup), json_out, compile_, prompt, log=typer.echo,
             quant=quant, offload=offload,
         )  # fmt: skip

@@ -479,6 +479,7 @@ class BagelPipeline:
                     f"{folder} holds a model quantized as {stored[0]}; drop the quantization option "
                     "or quantize the original checkpoint instead"
                 )
+            spec = QuantSpec()  # stored that way already: nothing to quantize
             if dt != stored[1]:
                 name = str(stored[1]).removeprefix("torch.")
                 raise InvalidInputError(f"{folder} was quantized in {name}; load it with --dtype {name} (or no dtype)")

@@ -229,7 +229,7 @@ class LayerOffload:
                     for name, t in store.items():
                         if t is None:
                             continue
-                        if pin and type(t.data) is Tensor:  # quantized tensors are copied unpinned
+                        if pin and _plain(t):  # quantized tensors are copied unpinned
                             t.data = t.data.pin_memory()
                         entries.append(_Stored(module, name, is_param, t))
             self.stored.append(entries)
@@ -315,14 +315,21 @@ class LayerOffload:
         )
 
 
+def _plain(t: Tensor) -> bool:
+    """A tensor or parameter of plain data (not torchao's or bitsandbytes' quantized kinds)."""
+    return type(t) in (Tensor, nn.Parameter) and type(t.data) is Tensor
+
+
 def _copy_to(t: Tensor, device: torch.device) -> Tensor:
-    if type(t) is Tensor or isinstance(t, nn.Parameter) and type(t.data) is Tensor:
+    if _plain(t):
         return t.detach().to(device, non_blocking=True, copy=True)
-    return t.to(device)  # a quantized tensor: its own copy (blocking; a no-op on the same device)
+    if t.device == device:  # a quantized tensor already there: itself (bitsandbytes repacks it in place on CPU)
+        return t
+    return t.to(device)  # a quantized tensor: its own copy (blocking)
 
 
 def _record_stream(t: Tensor, stream) -> None:
-    if type(t) is Tensor or isinstance(t, nn.Parameter) and type(t.data) is Tensor:
+    if _plain(t):
         t.record_stream(stream)
     else:  # a quantized tensor: its inner tensors
         names = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []

@@ -31,7 +31,9 @@ whose ``quantization.json`` names the modes and whose weights are in
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -238,11 +240,11 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str
 
 
 def _check_nf4_shape(name: str, lin: nn.Linear, device: torch.device | str) -> None:
-    # bitsandbytes' CPU kernel repacks the weight in blocks of 32 output rows
-    if torch.device(device).type == "cpu" and lin.out_features % 32:
+    # bitsandbytes' CPU kernel repacks the weight in blocks of 32 output rows and 64 inputs
+    if torch.device(device).type == "cpu" and (lin.out_features % 32 or lin.in_features % 64):
         raise InvalidInputError(
-            f"nf4 on the CPU needs output sizes that are multiples of 32; {name} has {lin.out_features} "
-            "(quantize this part with int8 or leave it as it is)"
+            f"nf4 on the CPU needs output sizes that are multiples of 32 and input sizes that are multiples of 64; "
+            f"{name} is {lin.in_features} -> {lin.out_features} (quantize this part with int8 or leave it as it is)"
         )
 
 
@@ -302,27 +304,54 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     Returns:
         The folder.
     Raises:
-        InvalidInputError: ``out`` already holds a checkpoint, or ``spec`` quantizes nothing.
+        InvalidInputError: ``out`` is a file or a non-empty folder, or ``spec`` quantizes nothing.
+
+    Saving runs ``model.state_dict()``: on a CPU, bitsandbytes then undoes the
+    repacking its kernel made for nf4 weights (outputs may move by a rounding step).
     """
     from safetensors.torch import save_file
-
-    from openbagel.fileio import write_atomically
 
     if not spec.active:
         raise InvalidInputError("nothing to save: the quantization spec quantizes no part (for example llm=int8)")
     source, out = Path(source), Path(out)
-    if (out / "llm_config.json").exists():
-        raise InvalidInputError(f"{out} already holds a checkpoint; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(source.iterdir()):
-        if f.is_file() and f.name not in ("ema.safetensors", QUANT_FILE, QUANT_WEIGHTS):
-            shutil.copy2(f, out / f.name)
-    sd = {k: v.contiguous() if type(v) is Tensor else v for k, v in model.state_dict().items()}
-    tensors, metadata = _flatten(sd)
-    write_atomically(out / QUANT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata=metadata))
-    info = {"format": 1, "quantization": str(spec), "dtype": str(model.dtype).removeprefix("torch.")}
-    write_atomically(out / QUANT_FILE, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
+    check_new_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed to out when complete
+    try:
+        for f in sorted(source.iterdir()):
+            if f.is_file() and f.name not in ("ema.safetensors", QUANT_FILE, QUANT_WEIGHTS):
+                shutil.copy2(f, tmp / f.name)
+        sd = {k: v.contiguous() if type(v) is Tensor else v for k, v in model.state_dict().items()}
+        tensors, metadata = _flatten(sd)
+        save_file(tensors, str(tmp / QUANT_WEIGHTS), metadata=metadata)
+        info = {"format": 1, "quantization": str(spec), "dtype": str(model.dtype).removeprefix("torch.")}
+        (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        tmp.chmod(0o777 & ~_umask())
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def check_new_folder(out: Path) -> None:
+    """Raise unless ``out`` can become a new checkpoint folder (absent, or an empty folder).
+
+    Raises:
+        InvalidInputError: ``out`` is a file or a folder that holds something.
+    """
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} is a file; give a folder to write the quantized checkpoint into")
+    if out.is_dir() and any(out.iterdir()):
+        raise InvalidInputError(f"{out} is not empty; choose a new folder for the quantized checkpoint")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _flatten(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

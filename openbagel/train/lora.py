@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from openbagel.model.bagel import Bagel
+from openbagel.quiet import quiet_imports
 
 #: The generation expert's q/k/v/o projections in every decoder layer.
 DEFAULT_TARGETS = r".*\.self_attn\.(q|k|v|o)_proj_moe_gen$"
@@ -26,7 +27,8 @@ def add_lora(
     Raises:
         ValueError: no module matches ``targets``.
     """
-    from peft import LoraConfig, get_peft_model
+    with quiet_imports():  # peft imports bitsandbytes and torchao when they are installed
+        from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
     try:
@@ -44,7 +46,8 @@ def save_adapter(peft_model, folder: str | Path) -> Path:
 def load_adapter(model: Bagel, folder: str | Path, merge: bool = True) -> nn.Module:
     """Apply a saved adapter to ``model``; merged into the weights by default
     (then the result is a plain :class:`Bagel`, as fast as the base model)."""
-    from peft import PeftModel
+    with quiet_imports():
+        from peft import PeftModel
 
     wrapped = PeftModel.from_pretrained(model, str(folder))
     return wrapped.merge_and_unload() if merge else wrapped
