@@ -246,7 +246,8 @@ class Plan:
             f"{'choice':<26} {'weights per GPU':<28} {'in CPU memory':>14} {'peak per GPU':>14}  fits  note",
         ]
         for ch in self.choices:
-            per_gpu = " + ".join(gib(w) for w in ch.weights)
+            same = len(ch.weights) > 1 and len(set(ch.weights)) == 1
+            per_gpu = f"{gib(ch.weights[0])} x {len(ch.weights)}" if same else " + ".join(gib(w) for w in ch.weights)
             host = gib(ch.host) if ch.host else "-"
             fits = "yes" if self.fits(ch) else "no"
             lines.append(f"{ch.name:<26} {per_gpu:<28} {host:>14} {gib(max(ch.totals)):>14}  {fits:<4}  {ch.note}")
@@ -293,6 +294,18 @@ def make_plan(
         totals = [pd + kd + work + CUDA_RUNTIME_BYTES for pd, kd in zip(per_dev, kv_dev)]
         note = f"layers split {'/'.join(str(split.count(d)) for d in range(num_devices))}" if num_devices > 1 else ""
         choices.append(Choice(label, per_dev, 0, note, totals))
+        if num_devices > 1:  # --parallel branches: a whole copy per GPU (the KV figure: at most the session's)
+            whole = w["layers"] + w["rest"] + w["vae"]
+            note = "a whole copy per GPU, guidance branches side by side (--parallel branches)"
+            choices.append(
+                Choice(
+                    f"{label} (branches)",
+                    [whole] * num_devices,
+                    0,
+                    note,
+                    [whole + kv + work + CUDA_RUNTIME_BYTES] * num_devices,
+                )
+            )
         if num_devices == 1:
             resident = w["rest"] + w["vae"] + 2 * w["layer"]
             seconds = w["layers"] / PCIE_BYTES_PER_S

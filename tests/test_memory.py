@@ -410,6 +410,8 @@ def test_plan_shares_layers_and_cache_between_devices():
     w = weight_bytes(cfg, torch.bfloat16)
     assert two.choices[0].weights == [w["rest"] + w["vae"] + 2 * w["layer"], 2 * w["layer"]]
     assert sum(two.choices[0].weights) == one.choices[0].weights[0]
+    # --parallel branches: the whole model on each GPU
+    assert two.choices[1].name == "bf16 (branches)" and two.choices[1].weights == [one.choices[0].weights[0]] * 2
     # the offload row keeps the rest and two layers on the GPU, the layers in host memory
     assert one.choices[1].weights == [w["rest"] + w["vae"] + 2 * w["layer"]] and one.choices[1].host == w["layers"]
 
