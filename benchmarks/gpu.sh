@@ -51,6 +51,8 @@ if [ "${SET:-speed}" = memory ]; then
     run t2i-int8 200 --task t2i --steps 10 --quant llm=int8
     run t2i-nf4-offload 250 --task t2i --steps 10 --quant llm=nf4 --offload layers
     run t2i-offload 200 --task t2i --steps 10 --offload layers
+    # the planner's activation estimate against the measured peak of one denoising query
+    timeout 120 "$PY" "$here/benchmarks/activation_check.py" 256 512 1024 2>&1 | tee "$out/activation.txt"
 else
     run t2i 170 --task t2i --steps "$STEPS"
     run edit 170 --task edit --steps "$STEPS"
