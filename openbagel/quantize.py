@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -208,8 +207,9 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str = "cpu") -> nn.Module:
     """Quantize the linear layers ``spec`` names, in place, moving each group to ``device`` first.
 
-    One linear layer at a time is moved to ``device`` and quantized there,
-    so the device never holds more than one of them in the original dtype. The rest of the model stays where it is (move it afterwards).
+    One linear layer at a time is moved to ``device`` and quantized there, so
+    the device never holds more than one of them in the original dtype. The
+    rest of the model stays where it is (move it afterwards).
 
     Args:
         model: a loaded :class:`~openbagel.model.bagel.Bagel` (float32 or bfloat16 weights).
@@ -300,7 +300,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     Args:
         model: the model after :func:`quantize_model` with ``spec``.
         source: the checkpoint folder it was loaded from.
-        out: the new folder (created; must not hold a checkpoint already).
+        out: the new folder (absent or empty; written whole or not at all).
     Returns:
         The folder.
     Raises:
@@ -316,7 +316,9 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     source, out = Path(source), Path(out)
     check_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed to out when complete
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed to out when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # permissions follow the umask
     try:
         for f in sorted(source.iterdir()):
             if f.is_file() and f.name not in ("ema.safetensors", QUANT_FILE, QUANT_WEIGHTS):
@@ -326,7 +328,6 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
         save_file(tensors, str(tmp / QUANT_WEIGHTS), metadata=metadata)
         info = {"format": 1, "quantization": str(spec), "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        tmp.chmod(0o777 & ~_umask())
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
@@ -346,12 +347,6 @@ def check_new_folder(out: Path) -> None:
         raise InvalidInputError(f"{out} is a file; give a folder to write the quantized checkpoint into")
     if out.is_dir() and any(out.iterdir()):
         raise InvalidInputError(f"{out} is not empty; choose a new folder for the quantized checkpoint")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _flatten(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
