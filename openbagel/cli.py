@@ -939,16 +939,21 @@ def ui(
     port: int = typer.Option(7860, "--port", help="TCP port."),
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    quant: Optional[str] = QuantOpt,
+    offload: Optional[str] = OffloadOpt,
+    parallel: str = ParallelOpt,
 ) -> None:
     """Open the web UI (Gradio): Generate, Edit, Understand, Chat and Frames tabs."""
 
     def body():
         _require_gradio()
+        from openbagel.pipeline import check_memory_options
         from openbagel.ui import build_ui
 
         _config(model, device, dtype)
+        check_memory_options(device, quant, offload, parallel)
         _check_listen(host, port)
-        blocks = build_ui(model, dtype=dtype, device=device)
+        blocks = build_ui(model, dtype=dtype, device=device, quant=quant, offload=offload, parallel=parallel)
         typer.echo(f"openbagel UI on http://{host}:{port} (the model loads in the background)")
         blocks.queue().launch(
             server_name=host, server_port=port, footer_links=[], quiet=True, max_file_size=UI_MAX_UPLOAD
@@ -990,6 +995,7 @@ def eval_shapes(
     cache_warmup: int = CacheWarmupOpt,
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    quant: Optional[str] = QuantOpt,
 ) -> None:
     """ShapesEval: text to image (seen and held-out combinations), questions,
     edits, style edits, next frame and thinking, scored by reading the images back."""
@@ -1012,7 +1018,8 @@ def eval_shapes(
         if ground_truth:
             predictor = GroundTruth()
         else:
-            predictor = ModelPredictor(_load(model, device, dtype), num_timesteps=steps, step_cache=step_cache)
+            pipe = _load(model, device, dtype, quant=quant)
+            predictor = ModelPredictor(pipe, num_timesteps=steps, step_cache=step_cache)
         item_list = make_items(items, seed)
         with tqdm(total=len(item_list), desc="shapes eval", unit="item", disable=ground_truth) as bar:
             scores = evaluate(predictor, item_list, progress=bar.update)
@@ -1027,6 +1034,7 @@ def eval_shapes(
                 "seed": seed,
                 "steps": steps,
                 "step_cache": None if step_cache is None else vars(step_cache),
+                "quant": quant,
             }
             text = json.dumps({**record, "scores": scores}, indent=2) + "\n"
             write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))

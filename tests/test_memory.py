@@ -421,3 +421,15 @@ def test_deepcopy_keeps_plain_model():  # placement state is per model object
     other = copy.deepcopy(pipe.model)
     place_layers(other, [CPU])
     assert describe_placement(pipe.model) is None and describe_placement(other) is not None
+
+
+def test_eval_shapes_of_a_quantized_model(tmp_path):
+    out = tmp_path / "scores.json"
+    r = runner.invoke(app, ["eval", "shapes", "--items", "1", "--quant", "int8", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    record = json.loads(out.read_text())
+    assert record["quant"] == "int8" and 0 <= record["scores"]["overall"] <= 1
+    r = runner.invoke(app, ["ui", "--quant", "int9"])
+    assert r.exit_code == 2 and "unknown quantization 'int9'" in r.output
