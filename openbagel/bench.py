@@ -42,6 +42,7 @@ from openbagel.inference.step_cache import StepCacheSettings
 from openbagel.model.bagel import Bagel
 from openbagel.model.layers import RMSNorm
 from openbagel.packing import SpecialIds, flattened_position_ids, patchify, unpatchify
+from openbagel.plan import kv_bytes_per_token
 
 #: Bench config names -> model presets.
 CONFIGS = {"tiny": "tiny-golden", "small": "small", "7b-mot": "7b-mot"}
@@ -377,6 +378,9 @@ def _understand(s: Setup, plain: bool) -> tuple[_Phases, int]:
     return phase, session.full.cache.length
 
 
+#: What each phase's median times (the rest: one call).
+UNITS = {"denoise_step": "step", "decode": "token", "decode_long": "token"}
+
 #: Phases whose code is the same in both modes (their "speed-up" is noise).
 SAME_CODE = ("prefill", "vae_decode")
 
@@ -440,23 +444,21 @@ def _memory_mode_records(
     from openbagel.quantize import module_bytes
 
     variant = replace(s, model=model, static=None, step_cache=None)
-    samples, outputs = _Samples(), None
-    for rep in range(runs + 1):
-        phases, out = _understand(variant, False) if task == "understand" else _image_task(variant, task, False)
-        if rep:
-            samples.add(phases)
-            outputs = out
+    if task == "understand":
+        samples, _ = _timed_runs(runs, lambda: _understand(variant, False))
+    else:
+        samples, (latents, _) = _timed_runs(runs, lambda: _image_task(variant, task, False))
     extra = {"baseline": "fast path, plain weights", "weights_mb": _resident_bytes(model) / 2**20}
     extra["baseline_weights_mb"] = module_bytes(s.model) / 2**20
     if task != "understand":
         _, (ref_latents, _) = _image_task(s, task, False)
-        extra["latent_rel_error"] = max(float((a - b).norm() / b.norm()) for a, b in zip(outputs[0], ref_latents))
+        extra["latent_rel_error"] = _latent_error(latents, ref_latents)
     records = []
     for ph, ts in samples.times.items():
         med, base = statistics.median(ts), statistics.median(baseline.times[ph])
         r = Record(
             s.name, task, f"{ph} [{mode}]", med, None, base / med, samples.peak[ph] / 2**20, None,
-            unit={"denoise_step": "step", "decode": "token", "decode_long": "token"}.get(ph, "call"),
+            unit=UNITS.get(ph, "call"),
             extra={**extra, "baseline_median_s": base, "mem_increase_mb": samples.increase[ph] / 2**20},
             machine=machine,
         )  # fmt: skip
@@ -464,13 +466,28 @@ def _memory_mode_records(
     return records
 
 
+def _timed_runs(runs: int, run: Callable[[], tuple[_Phases, object]]) -> tuple[_Samples, object]:
+    """``runs`` timed runs after a warm-up: their samples, and the last run's outputs."""
+    samples, out = _Samples(), None
+    for rep in range(runs + 1):
+        phases, out = run()
+        if rep:
+            samples.add(phases)
+    return samples, out
+
+
+def _latent_error(latents: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest relative L2 error of ``latents`` against ``reference`` (sample by sample)."""
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(latents, reference))
+
+
 def _resident_bytes(model: Bagel) -> int:
     """Weight bytes kept on the device: all of them, or with offload all but the layers plus two of them."""
-    from openbagel.placement import describe_placement
+    from openbagel.placement import offload_of
     from openbagel.quantize import module_bytes
 
     total = module_bytes(model)
-    if (describe_placement(model) or "").startswith("offload"):
+    if offload_of(model) is not None:
         layers = model.language_model.model.layers
         total -= module_bytes(layers) - 2 * module_bytes(layers[0])
     return total
@@ -496,15 +513,13 @@ def build_variants(model: Bagel, device: torch.device, quant=None, offload: bool
 
 
 def _records(s: Setup, task, fast: _Samples, plain: _Samples, context_tokens, flops, machine) -> list[Record]:
-    kv_per_token = 2 * s.config.llm.num_layers * s.config.llm.num_kv_heads * s.config.llm.head_dim
-    kv_per_token *= s.model.dtype.itemsize
+    kv_per_token = kv_bytes_per_token(s.config, s.model.dtype)
     records = []
     for ph, ts in fast.times.items():
         med, pmed = statistics.median(ts), statistics.median(plain.times[ph])
         r = Record(
             s.name, task, ph, med, pmed, pmed / med, fast.peak[ph] / 2**20, plain.peak[ph] / 2**20,
-            unit={"denoise_step": "step", "decode": "token", "decode_long": "token"}.get(ph, "call"),
-            kv_bytes_per_token=kv_per_token, machine=machine,
+            unit=UNITS.get(ph, "call"), kv_bytes_per_token=kv_per_token, machine=machine,
         )  # fmt: skip
         r.extra["mem_increase_mb"] = fast.increase[ph] / 2**20
         r.extra["plain_mem_increase_mb"] = plain.increase[ph] / 2**20
@@ -531,12 +546,8 @@ def _records(s: Setup, task, fast: _Samples, plain: _Samples, context_tokens, fl
 def _step_cache_record(s: Setup, task: str, runs: int, machine: dict, uncached: _Samples) -> Record:
     """Denoising with the step cache against the uncached fast path: speed-up, latent error, PSNR."""
     _, (ref_latents, ref_images) = _image_task(s, task, False)
-    cached = _Samples()
-    for rep in range(runs + 1):
-        phases, (latents, images) = _image_task(s, task, False, s.step_cache)
-        if rep:
-            cached.add(phases)
-    err = max(float((a - b).norm() / b.norm()) for a, b in zip(latents, ref_latents))
+    cached, (latents, images) = _timed_runs(runs, lambda: _image_task(s, task, False, s.step_cache))
+    err = _latent_error(latents, ref_latents)
     mse = max(float(((a.float() - b.float()) ** 2).mean()) for a, b in zip(images, ref_images))
     psnr = math.inf if mse == 0 else 10 * math.log10(4.0 / mse)  # images in [-1, 1]: peak-to-peak 2
     med, base = statistics.median(cached.times["denoise_step"]), statistics.median(uncached.times["denoise_step"])

@@ -796,7 +796,7 @@ def plan(
             parse_dtype,
         )
         from openbagel.plan import Workload, make_plan
-        from openbagel.quantize import QuantSpec, read_quant_info
+        from openbagel.quantize import QuantSpec, check_quantized_folder
         from openbagel.tokenizer import Tokenizer
 
         gpu = parse_bytes(gpu_mem, "--gpu-mem")
@@ -815,15 +815,10 @@ def plan(
             system_tokens = len(system) // 4  # no tokenizer: about 4 characters per token
         else:
             folder = resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model)
-            config, stored = config_from_checkpoint(folder), read_quant_info(folder)
+            asked = QuantSpec.parse(quant) if quant is not None else None
+            config, stored = config_from_checkpoint(folder), check_quantized_folder(folder, asked, dt)
             system_tokens = len(Tokenizer.from_folder(folder).encode(system))
         if stored is not None:
-            if quant is not None and QuantSpec.parse(quant) != stored[0]:
-                raise InvalidInputError(f"the folder is quantized as {stored[0]}; drop --quant to plan it")
-            if dt != stored[1]:
-                raise InvalidInputError(
-                    f"the folder was quantized in {str(stored[1]).removeprefix('torch.')}; plan it with that --dtype"
-                )
             specs = [stored[0]]
         elif quant is not None:
             specs = [QuantSpec(), QuantSpec.parse(quant)]

@@ -43,11 +43,16 @@ def latent_error(ref, other, prompts: Sequence[str], seed: int = 0, num_timestep
     return float((b - a).norm() / a.norm())
 
 
-@torch.inference_mode()
-def _teacher_forced_argmax(pipe, image: Image.Image, question: str, reply: list[int]) -> list[int]:
+def _chat(pipe, image: Image.Image, question: str):
+    """A conversation holding ``image`` (ViT path) and ``question``."""
     chat = pipe.chat()
     chat.add_image(image, vae=False)
     chat.add_text(question)
+    return chat
+
+
+def _teacher_forced_argmax(pipe, chat, reply: list[int]) -> list[int]:
+    """The argmax next token at every position of ``reply`` read after ``chat``'s context."""
     ctx = chat.session.full
     ids = [chat.session.special.bos, *reply]
     hidden = append(pipe.model, ctx, text_segment(ids, ctx.rope, ctx.device), len(ids))
@@ -64,13 +69,11 @@ def token_agreement(ref, other, image: Image.Image, questions: Sequence[str], ma
     same = total = 0
     params = TextSampling(max_new_tokens=max_new_tokens)
     for q in questions:
-        chat = ref.chat()
-        chat.add_image(image, vae=False)
-        chat.add_text(q)
-        ctx = chat.session.decoding_context(params.max_new_tokens)
+        chat = _chat(ref, image, q)
+        ctx = chat.session.decoding_context(params.max_new_tokens)  # extends the context, which stays as it was
         reply = list(decode_tokens(ref.model, ctx, chat.session.special, params))
-        a = _teacher_forced_argmax(ref, image, q, reply)
-        b = _teacher_forced_argmax(other, image, q, reply)
+        a = _teacher_forced_argmax(ref, chat, reply)
+        b = _teacher_forced_argmax(other, _chat(other, image, q), reply)
         same += sum(x == y for x, y in zip(a, b))
         total += len(a)
     return same / total

@@ -33,8 +33,8 @@ from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE
 from openbagel.packing import flattened_position_ids, patchify, unpatchify
-from openbagel.placement import LayerOffload, is_placed, place_layers, replicate_for_branches
-from openbagel.quantize import QuantSpec, quantize_model, read_quant_info
+from openbagel.placement import LayerOffload, is_placed, offload_of, place_layers, replicate_for_branches
+from openbagel.quantize import QuantSpec, check_quantized_folder, quantize_model
 from openbagel.tokenizer import Tokenizer
 
 #: System prompts of thinking mode, verbatim (the model was trained on them; spec section 7).
@@ -400,9 +400,6 @@ class BagelPipeline:
     #: How the weights are stored (set by :meth:`from_pretrained`).
     quant: QuantSpec = QuantSpec()
 
-    #: The decoder layers' offload (``offload="layers"``), else None.
-    offload: LayerOffload | None = None
-
     def __init__(
         self,
         model: Bagel,
@@ -470,19 +467,12 @@ class BagelPipeline:
             raise InvalidInputError(f"path must be a checkpoint folder, got {type(path).__name__}")
         folder = resolve_checkpoint_dir(path)
         config = config_from_checkpoint(folder)
-        stored = read_quant_info(folder)
-        default = "bfloat16" if main.type == "cuda" else "float32"  # GPUs run BAGEL in bf16
-        dt = parse_dtype(dtype if dtype is not None else stored[1] if stored else default)
+        asked = parse_dtype(dtype) if dtype is not None else None
+        stored = check_quantized_folder(folder, spec if spec.active else None, asked)
+        default = torch.bfloat16 if main.type == "cuda" else torch.float32  # GPUs run BAGEL in bf16
+        dt = stored[1] if stored is not None else asked or default
         if stored is not None:
-            if spec.active and spec != stored[0]:
-                raise InvalidInputError(
-                    f"{folder} holds a model quantized as {stored[0]}; drop the quantization option "
-                    "or quantize the original checkpoint instead"
-                )
             spec = QuantSpec()  # stored that way already: nothing to quantize
-            if dt != stored[1]:
-                name = str(stored[1]).removeprefix("torch.")
-                raise InvalidInputError(f"{folder} was quantized in {name}; load it with --dtype {name} (or no dtype)")
             if adapter is not None:
                 raise InvalidInputError("merge the LoRA adapter into the original checkpoint before quantizing it")
         tokenizer = Tokenizer.from_folder(folder)
@@ -497,7 +487,8 @@ class BagelPipeline:
             model = load_adapter(model, adapter)
         if spec.active:  # straight to the device when the layers will all live there
             quantize_model(model, spec, device=main if len(devices) == 1 and not offload else "cpu")
-        offloaded = LayerOffload(model, main) if offload else None
+        if offload:
+            LayerOffload(model, main)
         if len(devices) > 1 and parallel == "branches":
             replicate_for_branches(model, devices)
         elif len(devices) > 1:
@@ -507,12 +498,16 @@ class BagelPipeline:
         vae = load_vae(folder, dtype=dt, device=main, config=config)
         pipe = cls(model, vae, tokenizer, config, max_cache_bytes)
         pipe.quant = stored[0] if stored is not None else spec
-        pipe.offload = offloaded
         return pipe
 
     @property
     def device(self) -> torch.device:
         return self.model.vae2llm.weight.device
+
+    @property
+    def offload(self) -> LayerOffload | None:
+        """The decoder layers' offload (``offload="layers"``), else None."""
+        return offload_of(self.model)
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> BagelPipeline:
         """Decode text with static shapes through ``torch.compile`` (optional; the first reply compiles).

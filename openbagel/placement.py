@@ -31,9 +31,17 @@ from torch import Tensor, nn
 from openbagel.errors import InvalidInputError
 from openbagel.model.attention import AttnMask
 
-#: Of each placed model: the compute device of each decoder layer (read by the
-#: KV cache) and a line saying where things live.
-_PLACED: weakref.WeakKeyDictionary[nn.Module, tuple[list[torch.device], str]] = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Placed:
+    """How a model's layers were placed."""
+
+    devices: list[torch.device]  # the compute device of each decoder layer (read by the KV cache)
+    summary: str  # a line saying where things live
+    offload: LayerOffload | None = None
+
+
+_PLACED: weakref.WeakKeyDictionary[nn.Module, _Placed] = weakref.WeakKeyDictionary()
 
 #: Host-to-device copy speed assumed by the estimates (PCIe 4.0 x16, pinned memory, bytes/s).
 PCIE_BYTES_PER_S = 25e9
@@ -43,7 +51,7 @@ def layer_devices(model: nn.Module) -> list[torch.device]:
     """The device each decoder layer of ``model`` runs on (one entry per layer)."""
     placed = _PLACED.get(model)
     if placed is not None:
-        return placed[0]
+        return placed.devices
     return [model.vae2llm.weight.device] * len(model.language_model.model.layers)
 
 
@@ -55,7 +63,7 @@ def describe_placement(model: nn.Module) -> str | None:
     """A line saying where the layers live (None: all on one device, nothing to say)."""
     placed = _PLACED.get(model)
     if placed is not None:
-        return placed[1]
+        return placed.summary
     replicas = _REPLICAS.get(model)
     if replicas is None:
         return None
@@ -87,6 +95,12 @@ def replicate_for_branches(model: nn.Module, devices: list[torch.device]) -> lis
         replicas.append(copy.deepcopy(model).to(device))
     _REPLICAS[model] = replicas
     return replicas
+
+
+def offload_of(model: nn.Module) -> LayerOffload | None:
+    """The :class:`LayerOffload` applied to ``model`` (None: its layers are not offloaded)."""
+    placed = _PLACED.get(model)
+    return None if placed is None else placed.offload
 
 
 def is_placed(model: nn.Module) -> bool:
@@ -160,7 +174,7 @@ def place_layers(model: nn.Module, devices: list[torch.device], assignment: list
     decoder = model.language_model.model
     for norm in (decoder.norm, decoder.norm_moe_gen):
         norm.register_forward_pre_hook(_inputs_to(main))
-    _PLACED[model] = ([devices[a] for a in assignment], _describe_split(layers, devices, assignment))
+    _PLACED[model] = _Placed([devices[a] for a in assignment], _describe_split(layers, devices, assignment))
     return assignment
 
 
@@ -244,7 +258,7 @@ class LayerOffload:
         decoder = model.language_model.model
         decoder.register_forward_pre_hook(self._start_of_forward)
         decoder.register_forward_hook(self._end_of_forward, always_call=True)
-        _PLACED[model] = ([device] * len(layers), self.summary())
+        _PLACED[model] = _Placed([device] * len(layers), self.summary(), self)
 
     def _load(self, i: int) -> None:
         """Start copying layer ``i`` to the device (on the side stream)."""
@@ -329,13 +343,7 @@ def _copy_to(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _record_stream(t: Tensor, stream) -> None:
-    if _plain(t):
-        t.record_stream(stream)
-    else:  # a quantized tensor: its inner tensors
-        names = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []
-        inner = [getattr(t, n) for n in names] or [t.data]
-        qs = getattr(t, "quant_state", None)
-        if qs is not None:
-            inner.append(qs.absmax)
-        for x in inner:
-            x.record_stream(stream)
+    from openbagel.quantize import inner_tensors
+
+    for x in inner_tensors(t):
+        x.record_stream(stream)

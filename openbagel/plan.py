@@ -45,7 +45,7 @@ def linear_weight_bytes(out_features: int, in_features: int, mode: str, dtype: t
     """
     n = out_features * in_features
     if mode == "none":
-        return n * torch.finfo(dtype).bits // 8
+        return n * dtype.itemsize
     if mode == "int8":
         return n + 5 * out_features
     if mode == "fp8":
@@ -67,7 +67,7 @@ def weight_bytes(config: BagelConfig, dtype: torch.dtype, spec: QuantSpec = Quan
 
     model = build_model(config)
     modes = quantized_linears(model, spec)
-    elem = torch.finfo(dtype).bits // 8
+    elem = dtype.itemsize
     layers = model.language_model.model.layers
     in_layers = {id(p) for p in layers.parameters()}
     per_part = {"layers": 0, "rest": 0}
@@ -171,7 +171,7 @@ def session_tokens(config: BagelConfig, w: Workload, system_tokens: int = 0) -> 
 def kv_bytes_per_token(config: BagelConfig, dtype: torch.dtype) -> int:
     """Key plus value bytes of one token over all layers."""
     llm = config.llm
-    return 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * (torch.finfo(dtype).bits // 8)
+    return 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * dtype.itemsize
 
 
 def kv_cache_bytes(config: BagelConfig, dtype: torch.dtype, tokens: SessionTokens) -> int:
@@ -185,7 +185,7 @@ def activation_bytes(config: BagelConfig, dtype: torch.dtype, tokens: int) -> in
     The float32 residual stream (input and output), the normed input, q/k/v and
     the attention output, and the MLP's gate, up and their product.
     """
-    llm, e = config.llm, torch.finfo(dtype).bits // 8
+    llm, e = config.llm, dtype.itemsize
     d, hd = llm.hidden_size, llm.head_dim
     per_token = 2 * 4 * d + d * e + (2 * llm.num_heads + 2 * llm.num_kv_heads) * hd * e + 3 * llm.intermediate_size * e
     return tokens * per_token
@@ -198,7 +198,7 @@ def vae_decode_bytes(config: BagelConfig, dtype: torch.dtype, width: int, height
     count: about five feature maps of that size are alive at once (block
     input, normalised, convolved, the residual sum, the upsampled input).
     """
-    return 5 * config.vae.base_channels * width * height * (torch.finfo(dtype).bits // 8)
+    return 5 * config.vae.base_channels * width * height * dtype.itemsize
 
 
 @dataclass

@@ -30,6 +30,7 @@ whose ``quantization.json`` names the modes and whose weights are in
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -150,16 +151,28 @@ def _is_nf4(module: nn.Module) -> bool:
 # --- the libraries, imported when used ---------------------------------------------
 
 
-def _torchao_config(mode: str):
-    """torchao's config for ``mode`` (``int8``: int8, else fp8), torchao imported quietly."""
+SAFETENSORS_SUPPORT = "torchao.prototype.safetensors.safetensors_support"
+
+
+def _torchao(what: str, module: str = "torchao.quantization"):
+    """torchao's ``module``, imported quietly (``what`` names the need in the error).
+
+    Raises:
+        InvalidInputError: torchao is not installed.
+    """
     try:
         with quiet_imports():
-            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+            return importlib.import_module(module)
     except ImportError as e:
         raise InvalidInputError(
-            f"{mode} needs torchao: pip install -e '.[quant]' (or pip install torchao) ({e})"
+            f"{what} needs torchao: pip install -e '.[quant]' (or pip install torchao) ({e})"
         ) from None
-    return Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
+
+
+def _torchao_config(mode: str):
+    """torchao's weight-only config for ``int8`` or ``fp8``."""
+    q = _torchao(f"{mode} quantization")
+    return q.Int8WeightOnlyConfig() if mode == "int8" else q.Float8WeightOnlyConfig()
 
 
 def _bnb():
@@ -259,18 +272,24 @@ def _quantize_torchao(lin: nn.Linear, config) -> None:
 # --- memory ----------------------------------------------------------------------------
 
 
-def tensor_bytes(t: Tensor) -> int:
-    """Bytes a (possibly quantized) weight occupies: packed data plus scales."""
+def inner_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors a (possibly quantized) weight is stored in: itself, torchao's inner
+    tensors, or bitsandbytes' packed data and quantization state."""
     qs = getattr(t, "quant_state", None)
     if qs is not None:  # bitsandbytes Params4bit
-        n = t.data.nbytes + qs.absmax.nbytes + qs.code.nbytes
+        inner = [t.data, qs.absmax, qs.code]
         if qs.nested:
-            n += qs.state2.absmax.nbytes + qs.state2.code.nbytes
-        return n
+            inner += [qs.state2.absmax, qs.state2.code]
+        return inner
     if hasattr(t, "__tensor_flatten__") and type(t) is not nn.Parameter and type(t) is not Tensor:
         names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
+        return [x for n in names for x in inner_tensors(getattr(t, n))]
+    return [t]
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes a (possibly quantized) weight occupies: packed data plus scales."""
+    return sum(x.numel() * x.element_size() for x in inner_tensors(t))
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -351,11 +370,7 @@ def check_new_folder(out: Path) -> None:
 
 def _flatten(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """torchao's tensor subclasses as plain tensors plus JSON metadata (its safetensors support)."""
-    _torchao_config("saving a quantized model")  # torchao, imported quietly
-    with quiet_imports():
-        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-    return flatten_tensor_state_dict(sd)
+    return _torchao("saving a quantized model", SAFETENSORS_SUPPORT).flatten_tensor_state_dict(sd)
 
 
 def read_quant_info(folder: Path) -> tuple[QuantSpec, torch.dtype] | None:
@@ -372,6 +387,33 @@ def read_quant_info(folder: Path) -> tuple[QuantSpec, torch.dtype] | None:
         return QuantSpec.parse(info["quantization"]), getattr(torch, info["dtype"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{file}: not a valid quantization record ({e})") from None
+
+
+def check_quantized_folder(
+    folder: Path, spec: QuantSpec | None, dtype: torch.dtype | None
+) -> tuple[QuantSpec, torch.dtype] | None:
+    """What a quantized checkpoint folder holds, checked against what was asked (None: not quantized).
+
+    Args:
+        spec: the quantization asked for (None: none asked).
+        dtype: the dtype asked for (None: the folder's).
+    Raises:
+        InvalidInputError: the folder holds another quantization or dtype.
+        CheckpointError: an unreadable ``quantization.json``.
+    """
+    stored = read_quant_info(folder)
+    if stored is None:
+        return None
+    held, held_dtype = stored
+    if spec is not None and spec != held:
+        raise InvalidInputError(
+            f"{folder} holds a model quantized as {held}; drop the quantization option "
+            "or quantize the original checkpoint instead"
+        )
+    if dtype is not None and dtype != held_dtype:
+        name = str(held_dtype).removeprefix("torch.")
+        raise InvalidInputError(f"{folder} was quantized in {name}; load it with --dtype {name}")
+    return stored
 
 
 @torch.no_grad()
@@ -393,12 +435,9 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read the quantized weights ({e})") from None
-    _torchao_config("loading a quantized folder")  # torchao, imported quietly, rebuilds its tensor classes
-    with quiet_imports():
-        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
+    unflatten = _torchao("loading a quantized folder", SAFETENSORS_SUPPORT).unflatten_tensor_state_dict
     try:
-        sd, leftover = unflatten_tensor_state_dict(tensors, metadata)
+        sd, leftover = unflatten(tensors, metadata)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: the quantized weights' metadata does not match ({e})") from None
     sd.update(leftover)
