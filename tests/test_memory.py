@@ -115,7 +115,8 @@ def test_every_part_and_the_head(tiny_dir, refs):
     assert after["vit"] < 0.6 * before["vit"] and after["head"] < 0.6 * before["head"]
     assert after["other"] == before["other"]  # embeddings, norms, tables, connector, vae2llm/llm2vae untouched
     text = pipe.understand(Image.new("RGB", (64, 64), "red"), "what is this?", max_new_tokens=4).text
-    assert isinstance(text, str)
+    assert text == refs["tiny"].understand(Image.new("RGB", (64, 64), "red"), "what is this?", max_new_tokens=4).text
+    assert type(pipe.model.language_model.lm_head.weight).__name__ == "Int8Tensor"
     with pytest.raises(InvalidInputError, match="language_model.lm_head is 64 -> 300"):
         BagelPipeline.from_pretrained(tiny_dir, dtype="bfloat16", quant="head=nf4")  # a 300-token vocabulary
     with pytest.raises(InvalidInputError, match="input sizes that are multiples of 64"):
