@@ -104,6 +104,51 @@ def test_captions_and_questions_describe_the_scene():
     assert "three green triangles" in {c.text for c in world.captions(three)}
 
 
+def test_default_scene_puts_what_a_caption_leaves_out_at_its_default():
+    scene = Scene((Obj("circle", "red", "small", (2, 2)), Obj("square", "blue", "small", (0, 0))), "white")
+    caps = {c.text: c for c in world.captions(scene)}
+    below = world.default_scene(scene, caps["a red circle below a blue square"])
+    assert below == Scene((Obj("circle", "red", "large", (2, 1)), Obj("square", "blue", "large", (0, 1))), "gray")
+    right = world.default_scene(scene, caps["a red circle right of a blue square"])
+    assert [o.cell for o in right.objects] == [(1, 2), (1, 0)]
+    full = caps["a small red circle in the bottom right and a small blue square in the top left"]
+    assert world.default_scene(scene, full) == Scene(scene.objects, "gray")  # positions and sizes named
+    named = caps[full.text + " on a white background"]
+    assert world.default_scene(scene, named) == scene
+    one = Scene((Obj("triangle", "pink", "small", (0, 2)),), "black")
+    short = next(c for c in world.captions(one) if c.form == "short")
+    assert world.default_scene(one, short) == Scene((Obj("triangle", "pink", "small", (1, 1)),), "gray")
+    three = Scene(tuple(Obj("diamond", "green", "small", (2, c)) for c in range(3)), "white")
+    count = next(c for c in world.captions(three) if c.form == "count")
+    assert [(o.cell, o.size) for o in world.default_scene(three, count).objects] == [
+        ((1, 0), "large"),
+        ((1, 1), "large"),
+        ((1, 2), "large"),
+    ]
+    rng = random.Random(3)  # every default picture still fulfils its caption, read back from the image
+    for _ in range(150):
+        s = rng.choice((world.random_scene, world.counting_scene, world.relation_scene))(rng)
+        for cap in world.captions(s):
+            assert cap.request.satisfied_by(read_scene(world.render(world.default_scene(s, cap)))), cap.text
+
+
+def test_records_with_default_layouts():
+    rng = random.Random(0)
+    records = [world.make_record("t2i", rng, unspecified="default") for _ in range(200)]
+    for r in records:  # one caption, and the one picture it describes
+        assert isinstance(r["caption"], str)
+    shorts = [r for r in records if len(r["caption"].split()) == 4]  # "a small red circle"
+    assert shorts and all(read_scene(r["image"]).objects[0].cell == (1, 1) for r in shorts)
+    assert all(read_scene(r["image"]).background == "gray" for r in records if "background" not in r["caption"])
+    think = world.make_record("think", random.Random(1), unspecified="default")
+    assert read_scene(think["image"]).background == "gray"
+    assert isinstance(world.make_record("t2i", random.Random(0))["caption"], list)  # the default: random
+    with pytest.raises(ValueError, match="random or default"):
+        world.WorldSource(unspecified="centre")
+    with pytest.raises(ValueError, match="'random' or 'default'"):
+        world.make_record("t2i", rng, unspecified="centre")
+
+
 def test_articles_and_bad_world_arguments():
     scene = Scene((Obj("square", "orange", "small", (0, 0)), Obj("square", "red", "small", (0, 2))), "white")
     assert "an orange square left of a red square" in {c.text for c in world.captions(scene)}

@@ -100,6 +100,7 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"optim": {"lr": "fast"}}, "'optim.lr' must be float"),
         ({"data": [{"kind": "shapes", "tasks": ["dance"]}]}, "unknown shapes task(s) ['dance']"),
         ({"data": [{"kind": "shapes", "split": "val"}]}, "split must be train or test"),
+        ({"data": [{"kind": "shapes", "unspecified": "centre"}]}, "unspecified must be random or default"),
         ({"data": [{"kind": "shapes", "tasks": ["t2i"], "weights": [1, 2]}]}, "one finite number >= 0 per task"),
         ({"data": [{"kind": "shapes", "weights": [1e308, 1e308], "tasks": ["t2i", "qa"]}]}, "finite number"),
         ({"data": [{"kind": "shapes", "weight": "inf"}]}, "weight must be a finite number > 0"),
@@ -420,3 +421,17 @@ def test_periodic_exports_hold_the_ema_weights(tmp_path, tiny_dir):
     assert not torch.allclose(final[key], raw[4][key])  # not the raw weights
     for k in final:
         torch.testing.assert_close(final[k], ema[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["shapes.yaml", "shapes-defaults.yaml"])
+def test_shipped_recipes_parse(name):
+    """The embedded model's recipes (configs/) stay valid as the trainer changes."""
+    from pathlib import Path
+
+    from openbagel.train.run import _data_sources, load_run_config
+
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = load_run_config(path)
+    (source,) = _data_sources(cfg, path.parent)
+    assert source.kind == "shapes"
+    assert source.world.unspecified == ("default" if name == "shapes-defaults.yaml" else "random")

@@ -2,9 +2,10 @@
 default model (openbagel/assets/shapes), next to the world's tokenizer and
 autoencoder, then load it back strictly.
 
-    python tools/ship_shapes_model.py runs/shapes/checkpoint
+    python tools/ship_shapes_model.py runs/shapes-defaults/checkpoint
 
-The run must have used the package's assets (configs/shapes.yaml does): its
+The run must have used the package's assets (configs/shapes.yaml and
+configs/shapes-defaults.yaml do): its
 tokenizer must equal the shipped one. The per-model defaults written to
 openbagel.json are those of the ``shapes`` preset (tuned after training). The weights keep their float32 storage
 (about 12 MB; the whole folder stays under the 30 MB limit).

@@ -337,6 +337,48 @@ def captions(scene: Scene, split: str = "train") -> list[Caption]:
     return out
 
 
+#: The background of a picture whose caption names none, when captions follow the defaults.
+DEFAULT_BACKGROUND = "gray"
+#: Where a relation puts its two objects under the defaults: ``rel -> (cell of a, cell of b)``.
+RELATION_CELLS: dict[str, tuple[Cell, Cell]] = {
+    "left of": ((1, 0), (1, 2)),
+    "right of": ((1, 2), (1, 0)),
+    "above": ((0, 1), (2, 1)),
+    "below": ((2, 1), (0, 1)),
+}
+#: Where a count of 2, 3 or 4 identical objects goes under the defaults.
+COUNT_CELLS: dict[int, tuple[Cell, ...]] = {
+    2: ((1, 0), (1, 2)),
+    3: ((1, 0), (1, 1), (1, 2)),
+    4: ((0, 0), (0, 2), (2, 0), (2, 2)),
+}
+
+
+def default_scene(scene: Scene, caption: Caption) -> Scene:
+    """The one picture of ``caption`` when what it leaves out takes the world's
+    defaults: a gray background unless named; a single object without a
+    position in the centre; a relation's two objects on opposite sides of the
+    centre along its axis (:data:`RELATION_CELLS`); a count's objects in a fixed
+    pattern (:data:`COUNT_CELLS`); large objects where the size is not named.
+
+    ``caption`` must be one of ``captions(scene)``. The result still fulfils
+    ``caption.request``. Training on such pictures makes the caption decide
+    the picture, so a small model need not average over the layouts a caption
+    allows (which draws nothing where every layout differs).
+    """
+    background = scene.background if caption.request.background else DEFAULT_BACKGROUND
+    objs = scene.objects
+    if caption.form == "short":
+        objs = (replace(objs[0], cell=(1, 1)),)
+    elif caption.form == "relation":
+        ((i, rel, j),) = caption.request.relations
+        cells = RELATION_CELLS[rel]
+        objs = (replace(objs[i], cell=cells[0], size="large"), replace(objs[j], cell=cells[1], size="large"))
+    elif caption.form == "count":
+        objs = tuple(replace(o, cell=c, size="large") for o, c in zip(objs, COUNT_CELLS[len(objs)]))
+    return Scene(objs, background)
+
+
 def counting_scene(rng: random.Random, split: str = "train") -> Scene:
     """A scene of 2-4 identical objects (for count captions)."""
     n = rng.choice((2, 3, 4))
@@ -612,8 +654,10 @@ class WorldSource:
     """Endless-per-pass training records of the world, for the trainer's
     in-memory input (:class:`openbagel.train.data.RecordSource`): ``count``
     records per pass, drawn from ``tasks`` with ``weights``, deterministic from ``seed``.
+    ``unspecified``: ``"random"`` (what a caption leaves out is drawn at random)
+    or ``"default"`` (it takes the world's defaults, see :func:`default_scene`).
 
-    Records: ``{"kind": "t2i", "caption": [...], "image"}``, ``{"kind": "chat",
+    Records: ``{"kind": "t2i", "caption": [...] or str, "image"}``, ``{"kind": "chat",
     "images", "turns"}``, ``{"kind": "edit", "images", "instructions"}``,
     ``{"kind": "think", "prompt", "plan", "image"}``.
     """
@@ -624,6 +668,7 @@ class WorldSource:
     tasks: tuple[str, ...] = TASKS
     weights: tuple[float, ...] | None = None
     size: int = IMAGE_SIZE
+    unspecified: str = "random"
 
     def __post_init__(self) -> None:
         import math
@@ -654,19 +699,35 @@ class WorldSource:
             raise ValueError("count must be >= 1, seed >= 0 and size >= 16")
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {self.split!r}")
+        if self.unspecified not in ("random", "default"):
+            raise ValueError(f"unspecified must be random or default, got {self.unspecified!r}")
 
     def __call__(self) -> Iterator[dict]:
         rng = random.Random(self.seed)
         for _ in range(self.count):
             task = rng.choices(self.tasks, self.weights)[0]
-            yield make_record(task, rng, self.split, self.size)
+            yield make_record(task, rng, self.split, self.size, self.unspecified)
 
 
-def make_record(task: str, rng: random.Random, split: str = "train", size: int = IMAGE_SIZE) -> dict:
-    """One training record of ``task`` (see :class:`WorldSource`)."""
+def make_record(
+    task: str, rng: random.Random, split: str = "train", size: int = IMAGE_SIZE, unspecified: str = "random"
+) -> dict:
+    """One training record of ``task`` (see :class:`WorldSource`).
+
+    ``unspecified="default"``: a text-to-image record has one caption and the
+    picture :func:`default_scene` makes of it; a thinking record's picture has
+    the default background (its plan names none). ``"random"``: every caption
+    of a random scene (the reader picks one) and the scene as drawn.
+    """
+    if unspecified not in ("random", "default"):
+        raise ValueError(f"unspecified must be 'random' or 'default', got {unspecified!r}")
     if task == "t2i":
         scene = rng.choice((random_scene, random_scene, counting_scene, relation_scene))(rng, split)
-        return {"kind": "t2i", "caption": [c.text for c in captions(scene, split)], "image": render(scene, size)}
+        caps = captions(scene, split)
+        if unspecified == "default":
+            cap = rng.choice(caps)
+            return {"kind": "t2i", "caption": cap.text, "image": render(default_scene(scene, cap), size)}
+        return {"kind": "t2i", "caption": [c.text for c in caps], "image": render(scene, size)}
     if task == "qa":
         scene = random_scene(rng, split)
         pool = questions(scene, rng, split)
@@ -694,7 +755,8 @@ def make_record(task: str, rng: random.Random, split: str = "train", size: int =
         }
     if task == "think":
         t = random_thought(rng, split)
-        return {"kind": "think", "prompt": t.prompt, "plan": t.plan, "image": render(t.scene, size)}
+        scene = replace(t.scene, background=DEFAULT_BACKGROUND) if unspecified == "default" else t.scene
+        return {"kind": "think", "prompt": t.prompt, "plan": t.plan, "image": render(scene, size)}
     raise ValueError(f"unknown shapes task {task!r}")
 
 

@@ -14,6 +14,7 @@ Config (paths relative to the config file)::
       - {kind: edit_parquet, path: data/edit.parquet}
       - {kind: llava_jsonl, path: data/chat.jsonl}
       - {kind: shapes, count: 1000, tasks: [t2i, qa]}  # the shapes world, made in memory
+                                 # (unspecified: default -> captions decide the layout)
     batch: {max_tokens: 2048, accumulation: 1}
     dropout: {text: 0.1, vit: 0.3, vae: 0.3}
     optim: {lr: 1e-4, warmup_steps: 10, max_steps: 100, schedule: cosine}
@@ -285,7 +286,7 @@ def _data_sources(cfg: dict, base: Path) -> list[_Source]:
             raise ConfigError(f"data[{k}] must be a mapping with a 'kind'")
         kind = e["kind"]
         allowed = (
-            {"kind", "weight", "count", "seed", "split", "tasks", "weights"}
+            {"kind", "weight", "count", "seed", "split", "tasks", "weights", "unspecified"}
             if kind == "shapes"
             else {"kind", "weight", "path"}
         )
@@ -346,6 +347,7 @@ def _shapes_source(e: dict, where: str):
             split=e.get("split", "train"),
             tasks=e.get("tasks", TASKS),
             weights=weights,
+            unspecified=e.get("unspecified", "random"),
         )
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
