@@ -143,7 +143,7 @@ def test_records_with_default_layouts():
     think = world.make_record("think", random.Random(1), unspecified="default")
     assert read_scene(think["image"]).background == "gray"
     assert isinstance(world.make_record("t2i", random.Random(0))["caption"], list)  # the default: random
-    with pytest.raises(ValueError, match="random or default"):
+    with pytest.raises(ValueError, match="'random' or 'default'"):
         world.WorldSource(unspecified="centre")
     with pytest.raises(ValueError, match="'random' or 'default'"):
         world.make_record("t2i", rng, unspecified="centre")

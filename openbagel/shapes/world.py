@@ -699,14 +699,18 @@ class WorldSource:
             raise ValueError("count must be >= 1, seed >= 0 and size >= 16")
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {self.split!r}")
-        if self.unspecified not in ("random", "default"):
-            raise ValueError(f"unspecified must be random or default, got {self.unspecified!r}")
+        _check_unspecified(self.unspecified)
 
     def __call__(self) -> Iterator[dict]:
         rng = random.Random(self.seed)
         for _ in range(self.count):
             task = rng.choices(self.tasks, self.weights)[0]
             yield make_record(task, rng, self.split, self.size, self.unspecified)
+
+
+def _check_unspecified(value: object) -> None:
+    if value not in ("random", "default"):
+        raise ValueError(f"unspecified must be 'random' or 'default', got {value!r}")
 
 
 def make_record(
@@ -719,8 +723,7 @@ def make_record(
     the default background (its plan names none). ``"random"``: every caption
     of a random scene (the reader picks one) and the scene as drawn.
     """
-    if unspecified not in ("random", "default"):
-        raise ValueError(f"unspecified must be 'random' or 'default', got {unspecified!r}")
+    _check_unspecified(unspecified)
     if task == "t2i":
         scene = rng.choice((random_scene, random_scene, counting_scene, relation_scene))(rng, split)
         caps = captions(scene, split)
