@@ -49,7 +49,7 @@ QuantOpt = typer.Option(
     "--quant",
     help="Weight-only quantization per part: PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 "
     "(e.g. llm=int8, or llm=nf4,vit=int8; a bare mode means llm=MODE). Default: none. Needs the quant extra "
-    "(pip install -e '.[quant]'). Save the result with openbagel quantize for a fast start.",
+    "(pip install -e '.\\[quant]'). Save the result with openbagel quantize for a fast start.",
     show_default=False,
 )
 ParallelOpt = typer.Option(

@@ -434,3 +434,9 @@ def test_eval_shapes_of_a_quantized_model(tmp_path):
     assert record["quant"] == "int8" and 0 <= record["scores"]["overall"] <= 1
     r = runner.invoke(app, ["ui", "--quant", "int9"])
     assert r.exit_code == 2 and "unknown quantization 'int9'" in r.output
+
+
+def test_quant_help_names_the_extra():
+    """Rich markup used to eat ``[quant]`` from the install hint of --quant."""
+    r = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "pip install -e '.[quant]'" in r.output

@@ -101,6 +101,7 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"data": [{"kind": "shapes", "tasks": ["dance"]}]}, "unknown shapes task(s) ['dance']"),
         ({"data": [{"kind": "shapes", "split": "val"}]}, "split must be train or test"),
         ({"data": [{"kind": "shapes", "unspecified": "centre"}]}, "unspecified must be 'random' or 'default'"),
+        ({"data": [{"kind": "Shapes", "count": 10, "unspecified": "default"}]}, "unknown kind 'Shapes'"),
         ({"data": [{"kind": "shapes", "tasks": ["t2i"], "weights": [1, 2]}]}, "one finite number >= 0 per task"),
         ({"data": [{"kind": "shapes", "weights": [1e308, 1e308], "tasks": ["t2i", "qa"]}]}, "finite number"),
         ({"data": [{"kind": "shapes", "weight": "inf"}]}, "weight must be a finite number > 0"),

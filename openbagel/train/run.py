@@ -285,6 +285,10 @@ def _data_sources(cfg: dict, base: Path) -> list[_Source]:
         if not isinstance(e, dict) or "kind" not in e:
             raise ConfigError(f"data[{k}] must be a mapping with a 'kind'")
         kind = e["kind"]
+        if kind not in ("shapes", "t2i_parquet", "edit_parquet", "llava_jsonl"):
+            raise ConfigError(
+                f"data[{k}]: unknown kind {kind!r}; choose from shapes, t2i_parquet, edit_parquet, llava_jsonl"
+            )
         allowed = (
             {"kind", "weight", "count", "seed", "split", "tasks", "weights", "unspecified"}
             if kind == "shapes"
@@ -298,10 +302,6 @@ def _data_sources(cfg: dict, base: Path) -> list[_Source]:
         if kind == "shapes":
             out.append(_Source(kind, weight, "shapes world", world=_shapes_source(e, f"data[{k}]")))
             continue
-        if kind not in ("t2i_parquet", "edit_parquet", "llava_jsonl"):
-            raise ConfigError(
-                f"data[{k}]: unknown kind {kind!r}; choose from shapes, t2i_parquet, edit_parquet, llava_jsonl"
-            )
         path = base / _path_field(e, "path", f"data[{k}] ({kind})")
         if not path.exists():
             raise ConfigError(f"data[{k}]: {path} does not exist")
