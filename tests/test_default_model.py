@@ -97,3 +97,35 @@ def test_backgrounds_follow_the_prompt(default_pipe):
                 image = default_pipe.text_to_image(f"{obj} on a {bg} background", seed=seed).image
                 right += read_scene(image).background == bg
     assert right >= 15
+
+
+def test_eval_curve_samples_exports_with_the_given_settings(tmp_path, monkeypatch):
+    """tools/shapes_eval_curve.py: --settings replaces each export's sampling
+    defaults (exports carry those of the checkpoint the run started from)."""
+    import importlib.util
+    import shutil
+
+    import openbagel.shapes.eval as shapes_eval
+
+    spec = importlib.util.spec_from_file_location("curve", Path(__file__).parents[1] / "tools" / "shapes_eval_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_MODEL, run / "exports" / "step-000002")
+    settings = tmp_path / "settings"
+    shutil.copytree(DEFAULT_MODEL, settings)
+    extra = json.loads((settings / "openbagel.json").read_text())
+    extra["t2i"]["sampling"]["guidance_scale"] = 1.5
+    (settings / "openbagel.json").write_text(json.dumps(extra))
+    seen = []
+
+    def fake_evaluate(predictor, items):
+        seen.append(predictor.pipe.config.t2i.sampling.guidance_scale)
+        return {c: 0.0 for c in curve.COLUMNS}
+
+    monkeypatch.setattr(shapes_eval, "evaluate", fake_evaluate)
+    own = curve.curve(run, 1, 7)
+    given = curve.curve(run, 1, 7, settings)
+    assert seen == [preset("shapes").t2i.sampling.guidance_scale, 1.5]
+    assert [r["settings"] for r in own] == ["export"] and [r["settings"] for r in given] == [str(settings)]
+    assert curve.curve(run, 1, 7, settings) == given and len(seen) == 2  # recorded points are not run again
