@@ -203,6 +203,11 @@ class _Stored:
     is_param: bool
     host: Tensor
 
+    @property
+    def slots(self) -> dict[str, Tensor | None]:
+        """The module's dict the tensor lives in (``_parameters`` or ``_buffers``)."""
+        return self.module._parameters if self.is_param else self.module._buffers
+
 
 class LayerOffload:
     """Decoder layers in host memory, each copied to ``device`` just before it runs, the next one prefetched.
@@ -283,7 +288,7 @@ class LayerOffload:
                 for c in copies:  # made on the side stream, used on this one
                     _record_stream(c, current)
             for e, c in zip(self.stored[i], copies):
-                (e.module._parameters if e.is_param else e.module._buffers)[e.name] = c
+                e.slots[e.name] = c
             self._load((i + 1) % len(self.layers))  # prefetch while this layer runs
             return tuple(_move(a, self.device) for a in args)
 
@@ -292,7 +297,7 @@ class LayerOffload:
     def _after(self, i: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             for e in self.stored[i]:
-                (e.module._parameters if e.is_param else e.module._buffers)[e.name] = e.host
+                e.slots[e.name] = e.host
             del self.pending[i]
             self.log.append(("free", i))
 
@@ -310,7 +315,7 @@ class LayerOffload:
 
     def _swapped_in(self, i: int) -> bool:
         e = self.stored[i][0]
-        return (e.module._parameters if e.is_param else e.module._buffers)[e.name] is not e.host
+        return e.slots[e.name] is not e.host
 
     def summary(self) -> str:
         """Where the layers live and the copy time each forward pays (at :data:`PCIE_BYTES_PER_S`)."""

@@ -154,19 +154,24 @@ def _is_nf4(module: nn.Module) -> bool:
 SAFETENSORS_SUPPORT = "torchao.prototype.safetensors.safetensors_support"
 
 
-def _torchao(what: str, module: str = "torchao.quantization"):
-    """torchao's ``module``, imported quietly (``what`` names the need in the error).
+def _library(module: str, package: str, what: str):
+    """``module`` of an optional ``package``, imported quietly (``what`` names the need in the error).
 
     Raises:
-        InvalidInputError: torchao is not installed.
+        InvalidInputError: the package is not installed.
     """
     try:
         with quiet_imports():
             return importlib.import_module(module)
     except ImportError as e:
         raise InvalidInputError(
-            f"{what} needs torchao: pip install -e '.[quant]' (or pip install torchao) ({e})"
+            f"{what} needs {package}: pip install -e '.[quant]' (or pip install {package}) ({e})"
         ) from None
+
+
+def _torchao(what: str, module: str = "torchao.quantization"):
+    """torchao's ``module`` (see :func:`_library`)."""
+    return _library(module, "torchao", what)
 
 
 def _torchao_config(mode: str):
@@ -176,14 +181,8 @@ def _torchao_config(mode: str):
 
 
 def _bnb():
-    try:
-        with quiet_imports():
-            import bitsandbytes
-    except ImportError as e:
-        raise InvalidInputError(
-            f"nf4 quantization needs bitsandbytes: pip install -e '.[quant]' (or pip install bitsandbytes) ({e})"
-        ) from None
-    return bitsandbytes
+    """bitsandbytes (see :func:`_library`)."""
+    return _library("bitsandbytes", "bitsandbytes", "nf4 quantization")
 
 
 def _nf4_linear(lin: nn.Linear, weight, dtype: torch.dtype) -> nn.Module:
@@ -442,9 +441,8 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
         raise CheckpointError(f"{file}: the quantized weights' metadata does not match ({e})") from None
     sd.update(leftover)
     model = build_model(config)
-    for name, mode in quantized_linears(model, spec).items():
-        if mode != "nf4":
-            continue
+    nf4 = [name for name, mode in quantized_linears(model, spec).items() if mode == "nf4"]
+    for name in nf4:
         lin = model.get_submodule(name)
         stats = {k.removeprefix(name + ".weight."): sd.pop(k) for k in list(sd) if k.startswith(name + ".weight.")}
         if name + ".weight" not in sd or not stats:
@@ -455,8 +453,7 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
         _replace(model, name, _nf4_linear(lin, weight, dtype))
     sd = {k: v.to(device) for k, v in sd.items()}
     result = model.load_state_dict(sd, strict=False, assign=True)
-    loaded_nf4 = tuple(f"{n}." for n, mode in quantized_linears(model, spec).items() if mode == "nf4")
-    missing = [k for k in result.missing_keys if not k.startswith(loaded_nf4)]
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"{n}." for n in nf4))]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{file}: tensors do not fit the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
