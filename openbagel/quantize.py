@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from openbagel.config import BagelConfig
 from openbagel.errors import CheckpointError, InvalidInputError
 from openbagel.quiet import quiet_imports
 
@@ -416,15 +415,17 @@ def check_quantized_folder(
 
 
 @torch.no_grad()
-def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """Build BAGEL and load a folder written by :func:`save_quantized`, strictly.
+def load_quantized(folder: Path, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a folder written by :func:`save_quantized` into ``model``, strictly.
 
+    Args:
+        model: BAGEL built on the meta device with the folder's config
+            (:func:`openbagel.checkpoint.build_model`, which calls this from
+            :func:`openbagel.checkpoint.load_model`); its linears are replaced here.
     Raises:
         CheckpointError: missing/corrupt files, or tensors that do not fit the spec.
     """
     from safetensors import SafetensorError, safe_open
-
-    from openbagel.checkpoint import build_model
 
     spec, dtype = read_quant_info(folder)
     file = folder / QUANT_WEIGHTS
@@ -440,7 +441,6 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: the quantized weights' metadata does not match ({e})") from None
     sd.update(leftover)
-    model = build_model(config)
     nf4 = [name for name, mode in quantized_linears(model, spec).items() if mode == "nf4"]
     for name in nf4:
         lin = model.get_submodule(name)

@@ -1,0 +1,290 @@
+"""What the command groups share: option types, output and input checks, loading, error handling."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import typer
+from PIL import Image
+
+from openbagel.errors import InvalidInputError, OpenBagelError
+
+# --- shared options ----------------------------------------------------------------
+
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Checkpoint folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files; "
+    "or a folder from openbagel quantize); default: the embedded shapes-world model.",
+    envvar="OPENBAGEL_MODEL",
+    show_default=False,
+)
+AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.")
+DeviceOpt = typer.Option(
+    "cpu",
+    "--device",
+    help="Where to run: cpu, cuda, cuda:N or mps; several GPUs as cuda:0,cuda:1 (decoder layers split across them).",
+)
+DtypeOpt = typer.Option(
+    None,
+    "--dtype",
+    help="Weights and activations: float32 or bfloat16 (default: bfloat16 on CUDA, float32 otherwise; "
+    "a quantized folder: the dtype it was saved in).",
+    show_default=False,
+)
+QuantOpt = typer.Option(
+    None,
+    "--quant",
+    help="Weight-only quantization per part: PART=MODE,... with parts llm, vit, head and modes int8, nf4, fp8 "
+    "(e.g. llm=int8, or llm=nf4,vit=int8; a bare mode means llm=MODE). Default: none. Needs the quant extra "
+    "(pip install -e '.\\[quant]'). Save the result with openbagel quantize for a fast start.",
+    show_default=False,
+)
+ParallelOpt = typer.Option(
+    "layers",
+    "--parallel",
+    help="With several devices: layers (split the decoder layers across them, for a model too big for one) "
+    "or branches (a whole copy on each; the guidance branches of every step run side by side).",
+)
+OffloadOpt = typer.Option(
+    None,
+    "--offload",
+    help="layers (the only mode; default: no offload): keep the decoder layers in CPU memory and copy each to "
+    "the GPU just before it runs (the next one meanwhile). Fits small GPUs, but every forward (each denoising "
+    "step, each decoded token) copies all layers. One device only. See openbagel plan.",
+    show_default=False,
+)
+SeedOpt = typer.Option(None, "--seed", help="Random seed; same seed and settings give the same result.")
+# Defaults of sampling options come from the checkpoint's config; the values
+# quoted are those of BAGEL-7B-MoT.
+StepsOpt = typer.Option(
+    None,
+    "--steps",
+    help="Schedule points from noise to image; the model runs STEPS-1 times (default: the model's; 50 for 7B-MoT).",
+)
+CfgTextOpt = typer.Option(
+    None,
+    "--guidance-scale",
+    "--cfg-text",
+    help="Text guidance scale; <= 1 turns it off (default: the model's; 4.0 for 7B-MoT).",
+)
+CfgImgOpt = typer.Option(
+    None,
+    "--image-guidance-scale",
+    "--cfg-img",
+    help="Image guidance scale; <= 1 turns it off (default: the model's; 7B-MoT: 1.5 generate, 2.0 edit).",
+)
+SizeOpt = typer.Option(
+    None,
+    "--size",
+    help="Output size WxH in pixels, multiples of 16 (default: the model's, 1024x1024 for 7B-MoT; edit: the input's).",
+)
+ShiftOpt = typer.Option(None, "--shift", help="Timestep shift of the schedule (default: the model's; 3.0 for 7B-MoT).")
+IntervalOpt = typer.Option(
+    None,
+    "--cfg-interval",
+    help="Guidance applies while LO < t <= HI, as LO,HI (default: the model's; 7B-MoT: 0.4,1.0 generate, 0,1 edit).",
+)
+RenormOpt = typer.Option(
+    None,
+    "--renorm",
+    help="Guidance renormalisation: global, channel or text_channel (default: the model's; 7B-MoT: global generate, text_channel edit).",
+)
+RenormMinOpt = typer.Option(None, "--renorm-min", help="Lower clamp of the renorm factor, 0..1 (default 0).")
+ThinkOpt = typer.Option(False, "--think", help="Let the model reason (plan) in text first; the reasoning is printed.")
+OutOpt = typer.Option(..., "--output", "-o", help="Output image file (.png, .jpg, .webp ...).")
+MaxTokOpt = typer.Option(
+    None, "--max-new-tokens", help="Most tokens to generate (default: the model's; 7B-MoT: 512, 1024 with --think)."
+)
+SampleOpt = typer.Option(False, "--do-sample", help="Sample tokens instead of greedy decoding.")
+TempOpt = typer.Option(
+    None, "--temperature", help="Sampling temperature with --do-sample (default: the model's; 0.3 for 7B-MoT)."
+)
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample, in (0, 1] (default 1.0).")
+CacheOpt = typer.Option(
+    False,
+    "--cache",
+    help="Step caching (TaylorSeer-style, per guidance branch): run the model only every --cache-interval steps "
+    "and extrapolate the velocities in between. Faster, approximate; off by default.",
+)
+CacheIntervalOpt = typer.Option(2, "--cache-interval", help="With --cache: run the model every N steps.")
+CacheOrderOpt = typer.Option(
+    1, "--cache-order", help="With --cache: 0 reuses the last velocity, 1 extrapolates linearly, 2 quadratically."
+)
+CacheWarmupOpt = typer.Option(2, "--cache-warmup", help="With --cache: first steps that always run the model.")
+CompileOpt = typer.Option(
+    False,
+    "--compile",
+    help="Decode text with static shapes through torch.compile (the first reply compiles; CUDA graphs on a GPU). "
+    "Experimental: on a CPU it is no faster (benchmarks/RESULTS.md).",
+)
+KVBudgetOpt = typer.Option(
+    None,
+    "--kv-cache-budget",
+    help="Most KV-cache memory a conversation may use, e.g. 2GB or 512MiB; a larger context is refused "
+    "with a clear error instead of running out of memory (default: no limit).",
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        _fail(f"--size must look like WIDTHxHEIGHT (for example 1024x768), got {size!r}")
+    return h, w
+
+
+def _parse_interval(value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        _fail(f"--cfg-interval must look like LO,HI (for example 0.4,1.0), got {value!r}")
+    return lo, hi
+
+
+def _can_write_rgb(fmt: str | None) -> bool:
+    """Whether Pillow can save an RGB image in format ``fmt`` (tried on a 1x1 image)."""
+    if fmt is None:
+        return False
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception:  # Pillow raises KeyError, OSError, ValueError... by format
+        return False
+    return True
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output path we could not write, before any compute.
+
+    Raises:
+        InvalidInputError: unknown image extension, a missing folder, or a folder in the way.
+    """
+    ext = path.suffix.lower()
+    if not _can_write_rgb(Image.registered_extensions().get(ext)):
+        raise InvalidInputError(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
+    try:
+        path.resolve(strict=False).parent.is_dir()
+    except (OSError, RuntimeError) as e:
+        raise InvalidInputError(f"bad output path {str(path)[:80]!r}: {e}") from None
+    if path.is_dir():
+        raise InvalidInputError(f"output path {str(path)!r} is a folder; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InvalidInputError(f"output folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"output folder {str(parent)!r} is not writable")
+
+
+def _check_json_output(path: Path) -> None:
+    parent = path.parent
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"cannot write --json {str(path)!r}: give a file in a writable folder")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write atomically (see :func:`openbagel.fileio.write_atomically`).
+
+    Raises:
+        InvalidInputError: the file cannot be written.
+    """
+    from openbagel.fileio import write_atomically
+
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    write_atomically(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def _write_result(result, output: Path) -> None:
+    if result.reasoning is not None:
+        typer.echo(f"reasoning: {result.reasoning}")
+    save_image(result.image, output)
+    typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
+
+
+def _load(
+    model: str | None,
+    device: str,
+    dtype: str | None,
+    adapter: Path | None = None,
+    kv_budget: str | None = None,
+    quant: str | None = None,
+    offload: str | None = None,
+    parallel: str = "layers",
+):
+    from openbagel.kv_cache import parse_bytes
+    from openbagel.pipeline import BagelPipeline
+    from openbagel.placement import describe_placement
+
+    budget = None if kv_budget is None else parse_bytes(kv_budget, "--kv-cache-budget")
+    pipe = BagelPipeline.from_pretrained(
+        model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget, quant=quant, offload=offload,
+        parallel=parallel,
+    )  # fmt: skip
+    message = describe_placement(pipe.model)
+    if message:
+        typer.echo(message, err=True)
+    return pipe
+
+
+def _step_cache(cache: bool, interval: int, order: int, warmup: int):
+    """The step-cache settings of the --cache options (None without --cache)."""
+    from openbagel.inference.step_cache import StepCacheSettings
+
+    settings = StepCacheSettings(interval, order, warmup)  # checked with or without --cache
+    return settings if cache else None
+
+
+def _config(model: str | None, device: str, dtype: str):
+    """The checkpoint's config, with device and dtype checked: everything a
+    request can be validated against before the weights load."""
+    from openbagel.checkpoint import resolve_checkpoint_dir
+    from openbagel.config import config_from_checkpoint
+    from openbagel.pipeline import DEFAULT_MODEL, parse_devices, parse_dtype
+
+    if dtype is not None:
+        parse_dtype(dtype)
+    parse_devices(device)
+    return config_from_checkpoint(resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model))
+
+
+def _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min) -> dict:
+    """The image sampling options as the Python API's keyword arguments."""
+    return dict(
+        num_timesteps=steps,
+        guidance_scale=guidance_scale,
+        image_guidance_scale=image_guidance_scale,
+        timestep_shift=shift,
+        cfg_interval=_parse_interval(cfg_interval),
+        cfg_renorm_type=renorm,
+        cfg_renorm_min=renorm_min,
+    )
+
+
+def _check_image_settings(model, device, dtype, task, height, width, seed, sampling) -> None:
+    """Validate image settings against the checkpoint's config, before the weights load."""
+    from openbagel.pipeline import image_settings
+
+    config = _config(model, device, dtype)
+    image_settings(config, getattr(config, task), height, width, seed, None, **sampling)
+
+
+def _run(fn):
+    """Run a command body, turning our errors into one clean line and exit code 2."""
+    try:
+        return fn()
+    except OpenBagelError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
