@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from openbagel.errors import CheckpointError, InvalidInputError
+from openbagel.fileio import remove_stale
 from openbagel.quiet import quiet_imports
 
 #: What each part may be stored as.
@@ -317,7 +319,9 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     Args:
         model: the model after :func:`quantize_model` with ``spec``.
         source: the checkpoint folder it was loaded from.
-        out: the new folder (absent or empty; written whole or not at all).
+        out: the new folder (absent or empty; written whole or not at all: it is
+            written as ``.NAME.partial-PID`` beside it, then renamed; such folders
+            left by killed runs are removed first, see :func:`remove_stale_partials`).
     Returns:
         The folder.
     Raises:
@@ -333,7 +337,8 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     source, out = Path(source), Path(out)
     check_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed to out when complete
+    remove_stale_partials(out)
+    tmp = out.parent / f"{_partial_prefix(out)}{os.getpid()}"  # renamed to out when complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()  # permissions follow the umask
     try:
@@ -352,6 +357,20 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the ``.NAME.partial-PID`` folders that killed runs of :func:`save_quantized`
+    left beside ``out`` (only those of ``out``, only those whose process is gone).
+
+    Returns:
+        The folders removed.
+    """
+    return remove_stale(out.parent, re.escape(_partial_prefix(out)) + r"(?P<pid>\d+)", dirs=True)
 
 
 def check_new_folder(out: Path) -> None:

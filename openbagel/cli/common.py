@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import typer
@@ -22,7 +23,10 @@ ModelOpt = typer.Option(
     envvar="OPENBAGEL_MODEL",
     show_default=False,
 )
-AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.")
+# Input paths are checked by check_input_path (one line), not by click's usage error (readable=False).
+AdapterOpt = typer.Option(
+    None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.", readable=False
+)
 DeviceOpt = typer.Option(
     "cpu",
     "--device",
@@ -165,32 +169,120 @@ def _can_write_rgb(fmt: str | None) -> bool:
     return True
 
 
+def _shown(path: Path) -> str:
+    """``path`` quoted for a message, cut to 80 characters."""
+    text = str(path)
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
+
+
+def check_output_path(path: Path, what: str = "output", *, folder: bool = False, temp_bytes: int = 0) -> None:
+    """Refuse an output path before any work: its folder must exist (a folder output's
+    missing parents are created, so their nearest existing one), be a folder and be
+    writable; every new name must fit the file system (``PC_NAME_MAX``, ``PC_PATH_MAX``);
+    a file output must not be an existing folder.
+
+    Args:
+        path: the file (or, with ``folder=True``, the folder) the command will write.
+        what: how messages name it (an option, e.g. ``--json``).
+        folder: ``path`` is a folder the command creates or fills; whether an
+            existing one may be used is the command's own check.
+        temp_bytes: length in bytes of the longest temporary name written beside
+            ``path`` (it must fit the file system's limit too).
+    Raises:
+        InvalidInputError: the problem and the fix, in one line.
+    """
+    if not str(path).strip() or path.name in ("", ".", ".."):
+        raise InvalidInputError(f"{what}: give a {'folder' if folder else 'file'} name, got {_shown(path)}")
+    parent = path.parent
+    while True:
+        try:
+            parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+            break
+        except FileNotFoundError:
+            if not folder or parent == parent.parent:
+                raise InvalidInputError(f"{what} folder {_shown(parent)} does not exist; create it first") from None
+            parent = parent.parent  # created with the output folder
+        except NotADirectoryError:
+            raise InvalidInputError(
+                f"{what} path {_shown(path)} runs through a file; give a path in a folder"
+            ) from None
+        except OSError as e:
+            raise InvalidInputError(f"bad {what} path {_shown(path)}: {e.strerror}; give a shorter path") from None
+    if not parent_is_dir:
+        raise InvalidInputError(f"{what} folder {_shown(parent)} is a file, not a folder; give a path in a folder")
+    name_max = _limit(parent, "PC_NAME_MAX", 255)
+    new_names = path.relative_to(parent).parts  # the output's name, and the folders created for it
+    extra = max(temp_bytes - len(os.fsencode(path.name)), 0)  # the temporary name is the longest
+    for i, name in enumerate(new_names):
+        size = len(os.fsencode(name))
+        limit = name_max - (extra if i == len(new_names) - 1 else 0)
+        if size > limit:
+            raise InvalidInputError(
+                f"{what} name {_shown(name)} is too long for this file system ({size} bytes; "
+                f"at most {limit} here); choose a shorter name"
+            )
+    path_bytes = len(os.fsencode(os.path.abspath(path))) + extra
+    path_max = _limit(parent, "PC_PATH_MAX", 4096)
+    if path_bytes >= path_max:
+        raise InvalidInputError(
+            f"{what} path {_shown(path)} is too long for this file system ({path_bytes} bytes with its "
+            f"temporary name; under {path_max} here); choose a shorter path"
+        )
+    if not folder and path.is_dir():
+        raise InvalidInputError(f"{what} path {_shown(path)} is a folder; give a file name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{what} folder {_shown(parent)} is not writable; choose another folder")
+
+
+def check_input_path(path: Path, what: str, *, folder: bool = False) -> None:
+    """Refuse an input path that cannot be read, before any work.
+
+    Args:
+        what: how messages name it (e.g. ``image file``, ``--adapter folder``).
+        folder: the input is a folder (otherwise a file).
+    Raises:
+        InvalidInputError: missing, a folder where a file is expected (or the
+            reverse), unreadable, or a bad path; one line naming the fix.
+    """
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidInputError(f"{what} not found: {_shown(path)}; check the path") from None
+    except OSError as e:
+        raise InvalidInputError(f"bad {what} path {_shown(path)}: {e.strerror}; check the path") from None
+    if folder and not is_dir:
+        raise InvalidInputError(f"{what} {_shown(path)} is a file; give the folder")
+    if not folder and is_dir:
+        raise InvalidInputError(f"{what} {_shown(path)} is a folder; give a file")
+    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+        raise InvalidInputError(f"cannot read {what} {_shown(path)} (permission denied); fix its permissions")
+
+
 def check_output(path: Path) -> None:
-    """Refuse an output path we could not write, before any compute.
+    """Refuse an image output path we could not write, before any compute.
 
     Raises:
-        InvalidInputError: unknown image extension, a missing folder, or a folder in the way.
+        InvalidInputError: unknown image extension, or see :func:`check_output_path`.
     """
+    from openbagel.fileio import temp_name_bytes
+
     ext = path.suffix.lower()
     if not _can_write_rgb(Image.registered_extensions().get(ext)):
         raise InvalidInputError(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
-    try:
-        path.resolve(strict=False).parent.is_dir()
-    except (OSError, RuntimeError) as e:
-        raise InvalidInputError(f"bad output path {str(path)[:80]!r}: {e}") from None
-    if path.is_dir():
-        raise InvalidInputError(f"output path {str(path)!r} is a folder; give a file name")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InvalidInputError(f"output folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"output folder {str(parent)!r} is not writable")
+    check_output_path(path, "output", temp_bytes=temp_name_bytes(path))
 
 
 def _check_json_output(path: Path) -> None:
-    parent = path.parent
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"cannot write --json {str(path)!r}: give a file in a writable folder")
+    from openbagel.fileio import temp_name_bytes
+
+    check_output_path(path, "--json", temp_bytes=temp_name_bytes(path))
 
 
 def save_image(image: Image.Image, path: Path) -> None:
@@ -226,6 +318,8 @@ def _load(
     from openbagel.pipeline import BagelPipeline
     from openbagel.placement import describe_placement
 
+    if adapter is not None:
+        check_input_path(adapter, "--adapter folder", folder=True)
     budget = None if kv_budget is None else parse_bytes(kv_budget, "--kv-cache-budget")
     pipe = BagelPipeline.from_pretrained(
         model, dtype=dtype, device=device, adapter=adapter, max_cache_bytes=budget, quant=quant, offload=offload,

@@ -20,6 +20,7 @@ from openbagel.cli.common import (
     _load,
     _run,
     _step_cache,
+    check_output_path,
 )
 from openbagel.errors import InvalidInputError
 
@@ -119,6 +120,7 @@ def data_shapes(
             raise InvalidInputError(f"--split must be train or test, got {split!r}")
         if not str(output).strip():
             raise InvalidInputError("give an output folder")
+        check_output_path(output, "output", folder=True)
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise InvalidInputError(f"{str(output)!r} exists and is not an empty folder; give a new folder")
         try:

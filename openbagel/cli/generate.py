@@ -38,7 +38,9 @@ from openbagel.cli.common import (
     _sampling,
     _step_cache,
     _write_result,
+    check_input_path,
     check_output,
+    check_output_path,
 )
 from openbagel.errors import InvalidInputError
 
@@ -94,7 +96,7 @@ def generate(
 
 
 def edit(
-    image: Path = typer.Argument(..., help="Input image file."),
+    image: Path = typer.Argument(..., help="Input image file.", readable=False),
     instruction: Optional[str] = typer.Argument(
         None, help="What to change, e.g. 'make the sky purple' or 'in the style of a watercolour' (or use --style)."
     ),
@@ -136,6 +138,7 @@ def edit(
         check_output(output)
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         prompt = style_instruction(instruction, style)
+        check_input_path(image, "image file")
         source = load_image(image)  # fail on a bad image or setting before loading the weights
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
@@ -157,7 +160,9 @@ def edit(
 
 def frames(
     clip: list[Path] = typer.Argument(
-        ..., help="The clip: a GIF, MP4, WebM, MKV or MOV file, or image files in order (one frame each)."
+        ...,
+        help="The clip: a GIF, MP4, WebM, MKV or MOV file, or image files in order (one frame each).",
+        readable=False,
     ),
     num_frames: int = typer.Option(1, "--num-frames", "-n", help="Frames to predict after the clip."),
     output: Path = typer.Option(
@@ -200,7 +205,8 @@ def frames(
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
 
     def body():
-        from openbagel.video import Clip, check_clip_output, read_clip, write_clip
+        from openbagel.fileio import temp_name_bytes
+        from openbagel.video import Clip, check_clip_output, is_clip_file, read_clip, write_clip
 
         if num_frames < 1:
             raise InvalidInputError(f"--num-frames must be at least 1, got {num_frames}")
@@ -208,7 +214,15 @@ def frames(
             raise InvalidInputError(f"--context-frames must be at least 1, got {context_frames}")
         if fps is not None and not 0 < fps <= 240:
             raise InvalidInputError(f"--fps must be in (0, 240], got {fps}")
+        try:
+            existing_folder = output.is_dir()
+        except OSError:  # a bad path: named below
+            existing_folder = False
+        if not existing_folder:  # a clip file (an existing folder gets numbered frames)
+            check_output_path(output, "output", temp_bytes=temp_name_bytes(output))
         check_clip_output(output)
+        for path in clip:
+            check_input_path(path, "clip file" if is_clip_file(path) else "image file")
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         source = read_clip(clip)
         _check_image_settings(model, device, dtype, "edit", None, None, seed, sampling)

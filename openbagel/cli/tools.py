@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,8 @@ from openbagel.cli.common import (
     _parse_size,
     _run,
     _step_cache,
+    check_input_path,
+    check_output_path,
 )
 from openbagel.errors import InvalidInputError
 
@@ -48,7 +51,12 @@ def quantize(
         spec = QuantSpec.parse(quant)
         if not spec.active:
             raise InvalidInputError("--quant quantizes nothing; give a mode, for example --quant llm=int8")
+        check_output_path(
+            output, "--output", folder=True, temp_bytes=len(os.fsencode(f".{output.name}.partial-{os.getpid()}"))
+        )
         check_new_folder(output)
+        if adapter is not None:
+            check_input_path(adapter, "--adapter folder", folder=True)
         source = resolve_checkpoint_dir(DEFAULT_MODEL if model is None else model)
         stored = read_quant_info(source)
         if stored is not None:

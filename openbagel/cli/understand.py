@@ -31,6 +31,7 @@ from openbagel.cli.common import (
     _load,
     _parse_size,
     _run,
+    check_input_path,
     check_output,
     save_image,
 )
@@ -38,7 +39,7 @@ from openbagel.errors import InvalidInputError, OpenBagelError
 
 
 def understand(
-    image: Path = typer.Argument(..., help="Input image file."),
+    image: Path = typer.Argument(..., help="Input image file.", readable=False),
     question: str = typer.Argument(..., help="The question about the image."),
     model: Optional[str] = ModelOpt,
     think: bool = ThinkOpt,
@@ -66,6 +67,7 @@ def understand(
         from openbagel.images import load_image
         from openbagel.pipeline import make_generator, text_sampling
 
+        check_input_path(image, "image file")
         source = load_image(image)
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
