@@ -280,3 +280,65 @@ def test_quantize_removes_its_dead_partial_folders_only(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "q" / "quantization.json").is_file() and not stale.exists()
     assert all((f / "model.quantized.safetensors").read_bytes() == b"half" for f in kept) and as_file.is_file()
+
+
+# --- the CLI keeps up with the API: -n, several input images, plain flags ----------------------------------
+
+
+def test_generate_n_writes_numbered_files_with_consecutive_seeds(tmp_path, model_args):
+    out = tmp_path / "c.png"
+    r = runner.invoke(
+        app, ["generate", "a red circle", "-n", "3", "--seed", "5", "--steps", "3", "-o", str(out), *model_args]
+    )
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c-0.png", "c-1.png", "c-2.png"]
+    single = tmp_path / "single.png"
+    r = runner.invoke(app, ["generate", "a red circle", "--seed", "6", "--steps", "3", "-o", str(single), *model_args])
+    assert r.exit_code == 0, r.output
+    pixels = [np.asarray(Image.open(tmp_path / f"c-{k}.png")).astype(int) for k in range(3)]
+    # image 1 of the batch is the seed-6 image: a batch differs from a single run by float rounding at most
+    assert np.abs(pixels[1] - np.asarray(Image.open(single)).astype(int)).max() <= 2
+    assert np.abs(pixels[0] - pixels[1]).max() > 10  # another seed, another image
+    r = runner.invoke(app, ["generate", "x", "-n", "12", "--steps", "2", "-o", str(tmp_path / "m.png"), *model_args])
+    assert r.exit_code == 0 and (tmp_path / "m-00.png").is_file() and (tmp_path / "m-11.png").is_file()
+    r = runner.invoke(app, ["generate", "x", "-n", "0", "-o", str(tmp_path / "z.png"), *model_args])
+    assert r.exit_code == 2 and "-n/--num-images must be from 1 to 64, got 0" in r.output
+
+
+def test_edit_and_understand_take_several_images(tmp_path, model_args, pipe):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(first)
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(second)
+    r = runner.invoke(app, ["understand", str(first), "what colour?", "--image", str(second), *model_args])
+    assert r.exit_code == 0, r.output
+    assert r.output == pipe.understand([first, second], "what colour?").text + "\n"
+    out = tmp_path / "e.png"
+    args = ["edit", str(first), "make it blue", "--image", str(second), "--seed", "0", "--steps", "3", "-o", str(out)]
+    r = runner.invoke(app, [*args, *model_args])
+    assert r.exit_code == 0, r.output
+    expected = pipe.edit(first, "make it blue", images=[second], seed=0, num_timesteps=3).image
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))  # the same computation
+    r = runner.invoke(app, ["understand", str(first), "q", "--image", str(tmp_path / "nope.png"), *model_args])
+    assert r.exit_code == 2 and f"image file not found: '{tmp_path / 'nope.png'}'" in r.output
+
+
+def _all_commands(group, path=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _all_commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_boolean_flags_take_no_value_in_help():
+    import typer.main
+
+    flags = 0
+    for path, command in _all_commands(typer.main.get_command(app)):
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "250"}).output
+        for param in command.params:
+            if getattr(param, "is_flag", False):
+                flags += 1
+                line = next(line for line in out.splitlines() if f" {param.opts[0]} " in line)
+                assert "<bool>" not in line, (path, line)  # --think, not --think <bool>
+    assert flags >= 15

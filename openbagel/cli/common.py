@@ -23,6 +23,14 @@ ModelOpt = typer.Option(
     envvar="OPENBAGEL_MODEL",
     show_default=False,
 )
+
+
+def flag(name: str, help: str) -> typer.models.OptionInfo:
+    """An on/off option, off unless given (``--name``, no value). The empty metavar
+    keeps Typer's help from showing a ``<bool>`` value the flag does not take."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
 # Input paths are checked by check_input_path (one line), not by click's usage error (readable=False).
 AdapterOpt = typer.Option(
     None, "--adapter", help="LoRA adapter folder (from openbagel train) to merge into the model.", readable=False
@@ -98,18 +106,32 @@ RenormOpt = typer.Option(
     help="Guidance renormalisation: global, channel or text_channel (default: the model's; 7B-MoT: global generate, text_channel edit).",
 )
 RenormMinOpt = typer.Option(None, "--renorm-min", help="Lower clamp of the renorm factor, 0..1 (default 0).")
-ThinkOpt = typer.Option(False, "--think", help="Let the model reason (plan) in text first; the reasoning is printed.")
+ThinkOpt = flag("--think", help="Let the model reason (plan) in text first; the reasoning is printed.")
 OutOpt = typer.Option(..., "--output", "-o", help="Output image file (.png, .jpg, .webp ...).")
+NumImagesOpt = typer.Option(
+    1,
+    "--num-images",
+    "-n",
+    help="Images to make in one batch, with seeds SEED, SEED+1, ... (random ones without --seed); more than one "
+    "are written as NAME-0.EXT, NAME-1.EXT, ... (the number is the seed offset, zero-padded to one width).",
+)
+MoreImagesOpt = typer.Option(
+    [],
+    "--image",
+    help="Another input image after the first; repeat the option for several.",
+    metavar="PATH",
+    readable=False,
+    show_default=False,
+)
 MaxTokOpt = typer.Option(
     None, "--max-new-tokens", help="Most tokens to generate (default: the model's; 7B-MoT: 512, 1024 with --think)."
 )
-SampleOpt = typer.Option(False, "--do-sample", help="Sample tokens instead of greedy decoding.")
+SampleOpt = flag("--do-sample", help="Sample tokens instead of greedy decoding.")
 TempOpt = typer.Option(
     None, "--temperature", help="Sampling temperature with --do-sample (default: the model's; 0.3 for 7B-MoT)."
 )
 TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass with --do-sample, in (0, 1] (default 1.0).")
-CacheOpt = typer.Option(
-    False,
+CacheOpt = flag(
     "--cache",
     help="Step caching (TaylorSeer-style, per guidance branch): run the model only every --cache-interval steps "
     "and extrapolate the velocities in between. Faster, approximate; off by default.",
@@ -119,8 +141,7 @@ CacheOrderOpt = typer.Option(
     1, "--cache-order", help="With --cache: 0 reuses the last velocity, 1 extrapolates linearly, 2 quadratically."
 )
 CacheWarmupOpt = typer.Option(2, "--cache-warmup", help="With --cache: first steps that always run the model.")
-CompileOpt = typer.Option(
-    False,
+CompileOpt = flag(
     "--compile",
     help="Decode text with static shapes through torch.compile (the first reply compiles; CUDA graphs on a GPU). "
     "Experimental: on a CPU it is no faster (benchmarks/RESULTS.md).",
@@ -297,11 +318,38 @@ def save_image(image: Image.Image, path: Path) -> None:
     write_atomically(path, lambda tmp: image.save(tmp, format=fmt))
 
 
-def _write_result(result, output: Path) -> None:
+def numbered_outputs(output: Path, count: int) -> list[Path]:
+    """The files ``-n COUNT`` images go to: ``output`` itself for one, else
+    ``NAME-K.EXT`` for K = 0 .. COUNT-1 (the seed offset), zero-padded to one width.
+
+    Raises:
+        InvalidInputError: ``count`` outside 1 .. the most images of one batch.
+    """
+    from openbagel.pipeline import MAX_BATCH
+
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidInputError(f"-n/--num-images must be from 1 to {MAX_BATCH}, got {count}")
+    if count == 1:
+        return [output]
+    width = len(str(count - 1))
+    return [output.with_name(f"{output.stem}-{k:0{width}d}{output.suffix}") for k in range(count)]
+
+
+def _load_inputs(paths: list[Path]) -> list[Image.Image]:
+    """Input images checked (see :func:`check_input_path`) and read, before the weights load."""
+    from openbagel.images import load_image
+
+    for path in paths:
+        check_input_path(path, "image file")
+    return [load_image(path) for path in paths]
+
+
+def _write_result(result, outputs: list[Path]) -> None:
     if result.reasoning is not None:
         typer.echo(f"reasoning: {result.reasoning}")
-    save_image(result.image, output)
-    typer.echo(f"wrote {output} ({result.image.width}x{result.image.height})")
+    for image, output in zip(result.images, outputs, strict=True):
+        save_image(image, output)
+        typer.echo(f"wrote {output} ({image.width}x{image.height})")
 
 
 def _load(

@@ -21,6 +21,7 @@ from openbagel.cli.common import (
     _run,
     _step_cache,
     check_output_path,
+    flag,
 )
 from openbagel.errors import InvalidInputError
 
@@ -40,8 +41,7 @@ def eval_shapes(
         envvar="OPENBAGEL_MODEL",
         show_envvar=False,
     ),
-    ground_truth: bool = typer.Option(
-        False,
+    ground_truth: bool = flag(
         "--ground-truth",
         help="Score the world's own renderings and answers instead of a model (should be 1.0); ignores --model.",
     ),

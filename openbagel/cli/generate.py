@@ -20,6 +20,8 @@ from openbagel.cli.common import (
     IntervalOpt,
     KVBudgetOpt,
     ModelOpt,
+    MoreImagesOpt,
+    NumImagesOpt,
     OffloadOpt,
     OutOpt,
     ParallelOpt,
@@ -33,6 +35,7 @@ from openbagel.cli.common import (
     ThinkOpt,
     _check_image_settings,
     _load,
+    _load_inputs,
     _parse_size,
     _run,
     _sampling,
@@ -41,6 +44,8 @@ from openbagel.cli.common import (
     check_input_path,
     check_output,
     check_output_path,
+    flag,
+    numbered_outputs,
 )
 from openbagel.errors import InvalidInputError
 
@@ -48,6 +53,7 @@ from openbagel.errors import InvalidInputError
 def generate(
     prompt: str = typer.Argument(..., help="What to draw. An empty string gives unconditional generation."),
     output: Path = OutOpt,
+    num_images: int = NumImagesOpt,
     model: Optional[str] = ModelOpt,
     seed: Optional[int] = SeedOpt,
     steps: Optional[int] = StepsOpt,
@@ -71,12 +77,14 @@ def generate(
     offload: Optional[str] = OffloadOpt,
     parallel: str = ParallelOpt,
 ) -> None:
-    """Generate an image from a text prompt."""
+    """Generate an image from a text prompt (-n N: N images with seeds SEED..SEED+N-1)."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
     height, width = _parse_size(size)
 
     def body():
-        check_output(output)
+        outputs = numbered_outputs(output, num_images)
+        for path in outputs:
+            check_output(path)
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
@@ -89,8 +97,9 @@ def generate(
             progress=True,
             **sampling,
             step_cache=step_cache,
+            num_images_per_prompt=num_images,
         )
-        _write_result(result, output)
+        _write_result(result, outputs)
 
     _run(body)
 
@@ -104,6 +113,8 @@ def edit(
     style: Optional[str] = typer.Option(
         None, "--style", help="A style preset instead of an instruction: outline, pixel or invert."
     ),
+    more_images: list[Path] = MoreImagesOpt,
+    num_images: int = NumImagesOpt,
     model: Optional[str] = ModelOpt,
     seed: Optional[int] = SeedOpt,
     steps: Optional[int] = StepsOpt,
@@ -127,24 +138,26 @@ def edit(
     offload: Optional[str] = OffloadOpt,
     parallel: str = ParallelOpt,
 ) -> None:
-    """Edit or restyle an image following an instruction."""
+    """Edit or restyle an image following an instruction (--image adds input images; -n N: N results)."""
     sampling = _sampling(steps, guidance_scale, image_guidance_scale, shift, cfg_interval, renorm, renorm_min)
     height, width = _parse_size(size)
 
     def body():
-        from openbagel.images import load_image
         from openbagel.pipeline import style_instruction
 
-        check_output(output)
+        outputs = numbered_outputs(output, num_images)
+        for path in outputs:
+            check_output(path)
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
         prompt = style_instruction(instruction, style)
-        check_input_path(image, "image file")
-        source = load_image(image)  # fail on a bad image or setting before loading the weights
+        # fail on a bad image or setting before loading the weights
+        source, *more = _load_inputs([image, *more_images])
         _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         result = pipe.edit(
             source,
             prompt,
+            images=more,
             height=height,
             width=width,
             seed=seed,
@@ -152,8 +165,9 @@ def edit(
             progress=True,
             **sampling,
             step_cache=step_cache,
+            num_images_per_prompt=num_images,
         )
-        _write_result(result, output)
+        _write_result(result, outputs)
 
     _run(body)
 
@@ -171,9 +185,7 @@ def frames(
         "-o",
         help="Where the predicted frames go: a .gif, .mp4 or .webm file, or an existing folder (frame-001.png, ...).",
     ),
-    include_input: bool = typer.Option(
-        False, "--include-input", help="Write the input frames before the predicted ones."
-    ),
+    include_input: bool = flag("--include-input", help="Write the input frames before the predicted ones."),
     context_frames: Optional[int] = typer.Option(
         None, "--context-frames", help="Keep only the last K frames in the model's context (default: all)."
     ),

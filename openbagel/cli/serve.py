@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from openbagel.cli.common import DeviceOpt, DtypeOpt, ModelOpt, OffloadOpt, ParallelOpt, QuantOpt, _config, _run
+from openbagel.cli.common import DeviceOpt, DtypeOpt, ModelOpt, OffloadOpt, ParallelOpt, QuantOpt, _config, _run, flag
 from openbagel.errors import InvalidInputError
 
 
@@ -69,10 +69,8 @@ def serve(
         1024, "--max-prompt-tokens", help="Longest prompt (all message texts), in tokens."
     ),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens of a chat completion."),
-    log_prompts: bool = typer.Option(False, "--log-prompts", help="Write prompt texts into the request log lines."),
-    with_ui: bool = typer.Option(
-        False, "--ui", help="Also serve the web UI at /ui (its requests bypass the API queue)."
-    ),
+    log_prompts: bool = flag("--log-prompts", help="Write prompt texts into the request log lines."),
+    with_ui: bool = flag("--ui", help="Also serve the web UI at /ui (its requests bypass the API queue)."),
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     quant: Optional[str] = QuantOpt,

@@ -22,6 +22,7 @@ from openbagel.cli.common import (
     _step_cache,
     check_input_path,
     check_output_path,
+    flag,
 )
 from openbagel.errors import InvalidInputError
 
@@ -93,7 +94,7 @@ def plan(
     ),
     task: str = typer.Option("edit", "--task", help="The session to budget for: t2i, edit or understand."),
     size: str = typer.Option("1024x1024", "--size", help="WxH of the generated (t2i) or input image."),
-    think: bool = typer.Option(False, "--think", help="The session reasons in text first."),
+    think: bool = flag("--think", help="The session reasons in text first."),
     max_think_tokens: Optional[int] = typer.Option(
         None, "--max-think-tokens", help="Reasoning length with --think (default: the model's).", show_default=False
     ),

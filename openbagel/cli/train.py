@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from openbagel.cli.common import _run
+from openbagel.cli.common import _run, flag
 
 
 def train(
@@ -19,10 +19,10 @@ def train(
         Path("runs/latest"), "--output", "-o", help="Run folder: log.jsonl and the exported checkpoint/."
     ),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override the config's optim.max_steps."),
-    skip_bad_rows: bool = typer.Option(
-        False, "--skip-bad-rows", help="Skip data rows that cannot be read (counted) instead of stopping."
+    skip_bad_rows: bool = flag(
+        "--skip-bad-rows", help="Skip data rows that cannot be read (counted) instead of stopping."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output exactly where it stopped."),
+    resume: bool = flag("--resume", help="Continue the run in --output exactly where it stopped."),
 ) -> None:
     """Train or fine-tune a BAGEL model on packed sequences; exports the result in the official layout."""
 

@@ -18,6 +18,7 @@ from openbagel.cli.common import (
     KVBudgetOpt,
     MaxTokOpt,
     ModelOpt,
+    MoreImagesOpt,
     OffloadOpt,
     ParallelOpt,
     QuantOpt,
@@ -29,9 +30,9 @@ from openbagel.cli.common import (
     TopPOpt,
     _config,
     _load,
+    _load_inputs,
     _parse_size,
     _run,
-    check_input_path,
     check_output,
     save_image,
 )
@@ -41,6 +42,7 @@ from openbagel.errors import InvalidInputError, OpenBagelError
 def understand(
     image: Path = typer.Argument(..., help="Input image file.", readable=False),
     question: str = typer.Argument(..., help="The question about the image."),
+    more_images: list[Path] = MoreImagesOpt,
     model: Optional[str] = ModelOpt,
     think: bool = ThinkOpt,
     max_new_tokens: Optional[int] = MaxTokOpt,
@@ -57,18 +59,16 @@ def understand(
     parallel: str = ParallelOpt,
     compile_: bool = CompileOpt,
 ) -> None:
-    """Answer a question about an image; the answer streams to stdout.
+    """Answer a question about an image (--image adds more); the answer streams to stdout.
 
     With --think the model reasons first: its reasoning is printed on a 'reasoning:' line
     (when it closes it with </think>), then the answer.
     """
 
     def body():
-        from openbagel.images import load_image
         from openbagel.pipeline import make_generator, text_sampling
 
-        check_input_path(image, "image file")
-        source = load_image(image)
+        source = _load_inputs([image, *more_images])
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
