@@ -342,3 +342,20 @@ def test_boolean_flags_take_no_value_in_help():
                 line = next(line for line in out.splitlines() if f" {param.opts[0]} " in line)
                 assert "<bool>" not in line, (path, line)  # --think, not --think <bool>
     assert flags >= 15
+
+
+def test_readme_walkthrough_outputs_are_git_ignored():
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (root / "README.md").read_text()
+    outputs = set(re.findall(r"^\.venv/bin/openbagel .*-o (\S+)$", readme, re.M))
+    outputs |= set(re.findall(r"\.save\('([^']+)'", readme))
+    assert {"shapes.png", "next.gif", "clip.gif", "runs/tiny"} <= outputs
+    ignored = subprocess.run(["git", "check-ignore", *sorted(outputs)], cwd=root, capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(outputs)
