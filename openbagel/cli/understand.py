@@ -33,6 +33,7 @@ from openbagel.cli.common import (
     _load_inputs,
     _parse_size,
     _run,
+    check_input_path,
     check_output,
     save_image,
 )
@@ -172,6 +173,7 @@ def chat(
                     path = line[len("/image") :].strip()
                     if not path:
                         raise InvalidInputError("usage: /image PATH")
+                    check_input_path(Path(path), "image file")
                     w, h = conv.add_image(path)
                     typer.echo(f"(image added, {w}x{h})")
                 elif line.split()[0] == "/generate":
