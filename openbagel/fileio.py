@@ -92,7 +92,7 @@ def remove_stale(folder: Path, pattern: str, *, dirs: bool) -> list[Path]:
         return removed
     for entry in entries:
         match = re.fullmatch(pattern, entry.name)
-        if match is None or entry.is_symlink() or int(match["pid"]) == 0 or pid_alive(int(match["pid"])):
+        if match is None or entry.is_symlink() or pid_alive(int(match["pid"])):
             continue
         try:
             if dirs and entry.is_dir(follow_symlinks=False):

@@ -338,7 +338,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     check_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
-    tmp = out.parent / f"{_partial_prefix(out)}{os.getpid()}"  # renamed to out when complete
+    tmp = partial_folder(out)  # renamed to out when complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()  # permissions follow the umask
     try:
@@ -361,6 +361,11 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
 
 def _partial_prefix(out: Path) -> str:
     return f".{out.name}.partial-"
+
+
+def partial_folder(out: Path) -> Path:
+    """Where :func:`save_quantized` writes ``out`` before renaming it: ``.NAME.partial-PID`` beside it."""
+    return out.parent / f"{_partial_prefix(out)}{os.getpid()}"
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
@@ -435,12 +440,12 @@ def check_quantized_folder(
 
 @torch.no_grad()
 def load_quantized(folder: Path, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Load a folder written by :func:`save_quantized` into ``model``, strictly.
+    """Load a folder written by :func:`save_quantized` into ``model``, strictly
+    (:func:`openbagel.checkpoint.load_model` calls this for a quantized folder).
 
     Args:
         model: BAGEL built on the meta device with the folder's config
-            (:func:`openbagel.checkpoint.build_model`, which calls this from
-            :func:`openbagel.checkpoint.load_model`); its linears are replaced here.
+            (:func:`openbagel.checkpoint.build_model`); its linears are replaced here.
     Raises:
         CheckpointError: missing/corrupt files, or tensors that do not fit the spec.
     """

@@ -12,6 +12,13 @@ from PIL import Image
 
 from openbagel.errors import InvalidInputError, OpenBagelError
 
+
+def flag(name: str, help: str) -> typer.models.OptionInfo:
+    """An on/off option, off unless given (``--name``, no value). The empty metavar
+    keeps Typer's help from showing a ``<bool>`` value the flag does not take."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
 # --- shared options ----------------------------------------------------------------
 
 ModelOpt = typer.Option(
@@ -23,12 +30,6 @@ ModelOpt = typer.Option(
     envvar="OPENBAGEL_MODEL",
     show_default=False,
 )
-
-
-def flag(name: str, help: str) -> typer.models.OptionInfo:
-    """An on/off option, off unless given (``--name``, no value). The empty metavar
-    keeps Typer's help from showing a ``<bool>`` value the flag does not take."""
-    return typer.Option(False, name, help=help, metavar="")
 
 
 # Input paths are checked by check_input_path (one line), not by click's usage error (readable=False).
@@ -235,7 +236,7 @@ def check_output_path(path: Path, what: str = "output", *, folder: bool = False,
                 f"{what} path {_shown(path)} runs through a file; give a path in a folder"
             ) from None
         except OSError as e:
-            raise InvalidInputError(f"bad {what} path {_shown(path)}: {e.strerror}; give a shorter path") from None
+            raise InvalidInputError(f"bad {what} path {_shown(path)}: {e.strerror}; check the path") from None
     if not parent_is_dir:
         raise InvalidInputError(f"{what} folder {_shown(parent)} is a file, not a folder; give a path in a folder")
     name_max = _limit(parent, "PC_NAME_MAX", 255)

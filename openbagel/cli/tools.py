@@ -47,14 +47,19 @@ def quantize(
         from openbagel.checkpoint import resolve_checkpoint_dir
         from openbagel.kv_cache import format_bytes
         from openbagel.pipeline import DEFAULT_MODEL, BagelPipeline
-        from openbagel.quantize import QuantSpec, check_new_folder, module_bytes, read_quant_info, save_quantized
+        from openbagel.quantize import (
+            QuantSpec,
+            check_new_folder,
+            module_bytes,
+            partial_folder,
+            read_quant_info,
+            save_quantized,
+        )
 
         spec = QuantSpec.parse(quant)
         if not spec.active:
             raise InvalidInputError("--quant quantizes nothing; give a mode, for example --quant llm=int8")
-        check_output_path(
-            output, "--output", folder=True, temp_bytes=len(os.fsencode(f".{output.name}.partial-{os.getpid()}"))
-        )
+        check_output_path(output, "--output", folder=True, temp_bytes=len(os.fsencode(partial_folder(output).name)))
         check_new_folder(output)
         if adapter is not None:
             check_input_path(adapter, "--adapter folder", folder=True)

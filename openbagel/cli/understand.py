@@ -69,7 +69,7 @@ def understand(
     def body():
         from openbagel.pipeline import make_generator, text_sampling
 
-        source = _load_inputs([image, *more_images])
+        sources = _load_inputs([image, *more_images])
         text_sampling(_config(model, device, dtype), max_new_tokens, do_sample, temperature, top_p, think)
         make_generator(seed)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
@@ -79,12 +79,12 @@ def understand(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed
         )
         if think:
-            result = pipe.understand(source, question, think=True, **kwargs)
+            result = pipe.understand(sources, question, think=True, **kwargs)
             if result.reasoning is not None:
                 typer.echo(f"reasoning: {result.reasoning}")
             typer.echo(result.text)
             return
-        for piece in pipe.understand_stream(source, question, **kwargs):
+        for piece in pipe.understand_stream(sources, question, **kwargs):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
