@@ -180,6 +180,7 @@ def _paths(tmp_path):
         (["edit", "{t}/" + LONG + ".png", "x", "-o", "{t}/o.png"], "File name too long; check the path"),
         (["understand", "{folder}", "why?"], "image file '{folder}' is a folder; give a file"),
         (["understand", "{t}/nope.png", "why?"], "image file not found: '{t}/nope.png'; check the path"),
+        (["understand", "/dev/null", "why?"], "image file '/dev/null' is not a regular file; give a file"),
         (["generate", "x", "-o", "{t}/o.png", "--adapter", "{t}/" + LONG], "bad --adapter folder path"),
         (["generate", "x", "-o", "{t}/o.png", "--adapter", "{file}"], "--adapter folder '{file}' is a file"),
         (["generate", "x", "-o", "{t}/o.png", "--adapter", "{t}/none"], "--adapter folder not found"),

@@ -271,18 +271,21 @@ def check_input_path(path: Path, what: str, *, folder: bool = False) -> None:
         folder: the input is a folder (otherwise a file).
     Raises:
         InvalidInputError: missing, a folder where a file is expected (or the
-            reverse), unreadable, or a bad path; one line naming the fix.
+            reverse), not a regular file (a device, a pipe), unreadable, or a
+            bad path; one line naming the fix.
     """
     try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         raise InvalidInputError(f"{what} not found: {_shown(path)}; check the path") from None
     except OSError as e:
         raise InvalidInputError(f"bad {what} path {_shown(path)}: {e.strerror}; check the path") from None
-    if folder and not is_dir:
+    if folder and not stat.S_ISDIR(mode):
         raise InvalidInputError(f"{what} {_shown(path)} is a file; give the folder")
-    if not folder and is_dir:
+    if not folder and stat.S_ISDIR(mode):
         raise InvalidInputError(f"{what} {_shown(path)} is a folder; give a file")
+    if not folder and not stat.S_ISREG(mode):  # a device or a pipe: reading it could block
+        raise InvalidInputError(f"{what} {_shown(path)} is not a regular file; give a file")
     if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
         raise InvalidInputError(f"cannot read {what} {_shown(path)} (permission denied); fix its permissions")
 
