@@ -18,6 +18,7 @@ from openbagel.config import BagelConfig, config_from_checkpoint
 from openbagel.errors import CheckpointError
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE, flux_ae_shapes, to_diffusers_state_dict
+from openbagel.quantize import load_quantized, read_quant_info
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +152,10 @@ def load_model(
     Raises:
         CheckpointError: missing/corrupt files, or tensors that do not fit.
     """
-    from openbagel.quantize import load_quantized, read_quant_info
-
     folder = resolve_checkpoint_dir(folder)
     config = config or config_from_checkpoint(folder)
     if read_quant_info(folder) is not None:
-        return load_quantized(folder, config, device)
+        return load_quantized(folder, build_model(config), device)
     model = build_model(config)
     file = folder / MODEL_FILE
     sd = read_safetensors(file, dtype=dtype, device=device)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -41,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from openbagel.config import BagelConfig
 from openbagel.errors import CheckpointError, InvalidInputError
+from openbagel.fileio import remove_stale
 from openbagel.quiet import quiet_imports
 
 #: What each part may be stored as.
@@ -318,7 +319,9 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     Args:
         model: the model after :func:`quantize_model` with ``spec``.
         source: the checkpoint folder it was loaded from.
-        out: the new folder (absent or empty; written whole or not at all).
+        out: the new folder (absent or empty; written whole or not at all: it is
+            written as ``.NAME.partial-PID`` beside it, then renamed; such folders
+            left by killed runs are removed first, see :func:`remove_stale_partials`).
     Returns:
         The folder.
     Raises:
@@ -334,7 +337,8 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
     source, out = Path(source), Path(out)
     check_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed to out when complete
+    remove_stale_partials(out)
+    tmp = partial_folder(out)  # renamed to out when complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()  # permissions follow the umask
     try:
@@ -353,6 +357,25 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def partial_folder(out: Path) -> Path:
+    """Where :func:`save_quantized` writes ``out`` before renaming it: ``.NAME.partial-PID`` beside it."""
+    return out.parent / f"{_partial_prefix(out)}{os.getpid()}"
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the ``.NAME.partial-PID`` folders that killed runs of :func:`save_quantized`
+    left beside ``out`` (only those of ``out``, only those whose process is gone).
+
+    Returns:
+        The folders removed.
+    """
+    return remove_stale(out.parent, re.escape(_partial_prefix(out)) + r"(?P<pid>\d+)", dirs=True)
 
 
 def check_new_folder(out: Path) -> None:
@@ -416,15 +439,17 @@ def check_quantized_folder(
 
 
 @torch.no_grad()
-def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """Build BAGEL and load a folder written by :func:`save_quantized`, strictly.
+def load_quantized(folder: Path, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a folder written by :func:`save_quantized` into ``model``, strictly
+    (:func:`openbagel.checkpoint.load_model` calls this for a quantized folder).
 
+    Args:
+        model: BAGEL built on the meta device with the folder's config
+            (:func:`openbagel.checkpoint.build_model`); its linears are replaced here.
     Raises:
         CheckpointError: missing/corrupt files, or tensors that do not fit the spec.
     """
     from safetensors import SafetensorError, safe_open
-
-    from openbagel.checkpoint import build_model
 
     spec, dtype = read_quant_info(folder)
     file = folder / QUANT_WEIGHTS
@@ -440,7 +465,6 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: the quantized weights' metadata does not match ({e})") from None
     sd.update(leftover)
-    model = build_model(config)
     nf4 = [name for name, mode in quantized_linears(model, spec).items() if mode == "nf4"]
     for name in nf4:
         lin = model.get_submodule(name)

@@ -1,0 +1,132 @@
+"""``eval`` and ``data``: benchmark scores and training data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from openbagel.cli.common import (
+    CacheIntervalOpt,
+    CacheOpt,
+    CacheOrderOpt,
+    CacheWarmupOpt,
+    DeviceOpt,
+    DtypeOpt,
+    QuantOpt,
+    StepsOpt,
+    _check_json_output,
+    _load,
+    _run,
+    _step_cache,
+    check_output_path,
+    flag,
+)
+from openbagel.errors import InvalidInputError
+
+MAX_EVAL_ITEMS = 10_000
+
+eval_app = typer.Typer(help="Score a model on a benchmark.", no_args_is_help=True)
+data_app = typer.Typer(help="Write training data sets.", no_args_is_help=True)
+
+
+@eval_app.command("shapes")
+def eval_shapes(
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Checkpoint folder to score (default: the embedded shapes-world model).",
+        envvar="OPENBAGEL_MODEL",
+        show_envvar=False,
+    ),
+    ground_truth: bool = flag(
+        "--ground-truth",
+        help="Score the world's own renderings and answers instead of a model (should be 1.0); ignores --model.",
+    ),
+    items: int = typer.Option(20, "--items", help=f"Items per task (1 to {MAX_EVAL_ITEMS})."),
+    seed: int = typer.Option(1234, "--seed", help="Seed of the item set (the default is the reported benchmark)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
+    steps: Optional[int] = StepsOpt,
+    cache: bool = CacheOpt,
+    cache_interval: int = CacheIntervalOpt,
+    cache_order: int = CacheOrderOpt,
+    cache_warmup: int = CacheWarmupOpt,
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quant: Optional[str] = QuantOpt,
+) -> None:
+    """ShapesEval: text to image (seen and held-out combinations), questions,
+    edits, style edits, next frame and thinking, scored by reading the images back."""
+
+    def body():
+        import json
+
+        from tqdm.auto import tqdm
+
+        from openbagel.fileio import write_atomically
+        from openbagel.shapes.eval import GroundTruth, ModelPredictor, evaluate, make_items
+
+        if not 1 <= items <= MAX_EVAL_ITEMS:
+            raise InvalidInputError(f"--items must be between 1 and {MAX_EVAL_ITEMS}, got {items}")
+        if json_path is not None:
+            _check_json_output(json_path)
+        step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
+        if steps is not None and steps < 2:
+            raise InvalidInputError(f"--steps must be at least 2 (schedule points), got {steps}")
+        if ground_truth:
+            predictor = GroundTruth()
+        else:
+            pipe = _load(model, device, dtype, quant=quant)
+            predictor = ModelPredictor(pipe, num_timesteps=steps, step_cache=step_cache)
+        item_list = make_items(items, seed)
+        with tqdm(total=len(item_list), desc="shapes eval", unit="item", disable=ground_truth) as bar:
+            scores = evaluate(predictor, item_list, progress=bar.update)
+        width = max(len(k) for k in scores)
+        typer.echo(f"{'task':<{width}}  score")
+        for task, score in scores.items():
+            typer.echo(f"{task:<{width}}  {score:.3f}")
+        if json_path is not None:
+            record = {
+                "model": "ground-truth" if ground_truth else str(model or "embedded"),
+                "items_per_task": items,
+                "seed": seed,
+                "steps": steps,
+                "step_cache": None if step_cache is None else vars(step_cache),
+                "quant": quant,
+            }
+            text = json.dumps({**record, "scores": scores}, indent=2) + "\n"
+            write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
+
+    _run(body)
+
+
+@data_app.command("shapes")
+def data_shapes(
+    output: Path = typer.Argument(..., help="Folder for t2i.parquet, edit.parquet, chat.jsonl and images/."),
+    count: int = typer.Option(1000, "--count", help="Records of each kind."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world."),
+    split: str = typer.Option("train", "--split", help="train, or test (with the held-out combinations)."),
+) -> None:
+    """Write the shapes world in the trainer's file formats."""
+
+    def body():
+        from openbagel.shapes.export import write_datasets
+
+        if count < 1:
+            raise InvalidInputError(f"--count must be at least 1, got {count}")
+        if split not in ("train", "test"):
+            raise InvalidInputError(f"--split must be train or test, got {split!r}")
+        if not str(output).strip():
+            raise InvalidInputError("give an output folder")
+        check_output_path(output, "output", folder=True)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise InvalidInputError(f"{str(output)!r} exists and is not an empty folder; give a new folder")
+        try:
+            rows = write_datasets(output, count, seed, split)
+        except OSError as e:
+            raise InvalidInputError(f"cannot write to {str(output)!r}: {e.strerror or e}") from None
+        typer.echo(", ".join(f"{name}: {n} row(s)" for name, n in rows.items()) + f" written to {output}")
+
+    _run(body)
