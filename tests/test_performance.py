@@ -266,10 +266,14 @@ def test_budget_refuses_and_keeps_the_conversation(pipe):
 
 def test_budget_is_spent_on_what_is_needed(pipe):
     """A budgeted conversation preallocates little and grows by small steps:
-    an image chat that needs 130 KiB runs within 200 KiB."""
+    an image chat of 63 tokens (VAE and ViT image, question, 4-token reply)
+    takes one 64-token step (32 KiB) within 40 KiB, where an unbudgeted one
+    preallocates 256 tokens. The question is not copied into the image-free
+    guidance context, which understanding never reads (that copy took a second step)."""
     from openbagel import BagelPipeline
 
-    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.config, max_cache_bytes=200 * 1024)
+    per_token = 512
+    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.config, max_cache_bytes=40 * 1024)
     unlimited = pipe.chat()
     chat = small.chat()
     image = pipe.text_to_image("a cube", num_timesteps=2, seed=0).image
@@ -277,7 +281,27 @@ def test_budget_is_spent_on_what_is_needed(pipe):
         c.add_image(image)
         c.add_text("what is it?")
     assert chat.reply(TextSampling(max_new_tokens=4)) == unlimited.reply(TextSampling(max_new_tokens=4))
-    assert chat.session.cache_bytes <= 200 * 1024 < unlimited.session.cache_bytes
+    assert chat.session.cache_bytes == 64 * per_token and unlimited.session.cache_bytes == 256 * per_token
+
+
+def test_understanding_after_an_image_builds_no_guidance_context():
+    """The issue's case on the embedded model: a 650-token question after an
+    image under a 2,000,000-byte budget was refused (2.6 MiB asked for, the
+    question's keys and values twice); it needs only the full context (1.4 MiB)."""
+    from openbagel import BagelPipeline
+    from PIL import Image
+
+    pipe = BagelPipeline.from_pretrained(max_cache_bytes=2_000_000)
+    question = "what is " * 162
+    assert len(pipe.tokenizer.encode(question)) + 2 == 651  # with [BOS] and [EOS]
+    image = Image.new("RGB", (64, 64), "red")
+    assert pipe.understand(image, question, max_new_tokens=8).text is not None
+    chat = pipe.chat()
+    chat.add_image(image, vae=False)
+    chat.add_text(question)
+    s = chat.session
+    assert s.cached_tokens == s.full.cache.length == 27 + 651  # ViT image (5x5 + 2 markers) and the question
+    assert s.cache_bytes == s.full.cache.nbytes <= 1.4 * 2**20  # the full context's storage, nothing else
 
 
 def test_budget_through_the_pipeline(pipe):

@@ -221,7 +221,7 @@ def test_image_free_shortcut_equals_separate_context(pipe):
     s.add_text([10, 20, 30])
     noise = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     shortcut = generate_latents(pipe.model, s, 64, 64, params, noise=noise)
-    s._image_free = s.full.fork()  # same content, computed as its own branch
+    s._free_prefix = (s.full.cache.length, s.full.rope)  # same content, built and computed as its own branch
     assert not s.image_free_is_full
     separate = generate_latents(pipe.model, s, 64, 64, params, noise=noise)
     torch.testing.assert_close(shortcut, separate, rtol=1e-5, atol=1e-5)
@@ -293,3 +293,28 @@ def test_context_length_warning(pipe, caplog):
     with caplog.at_level("WARNING"):
         chat.add_text("a" * 4100)  # the tiny model was trained to 4096 positions
     assert "passed 4096 positions" in caplog.text
+
+
+def test_image_free_context_is_built_only_for_an_image(pipe):
+    """Image, question, reply, then "now draw it": understanding builds no
+    image-free context; the generation builds it from the conversation's
+    record and gets what building it at every turn (the old way) gives."""
+    chats = [pipe.chat(), pipe.chat()]
+    for eager, chat in zip((False, True), chats):
+        for step in (
+            lambda: chat.add_image(Image.new("RGB", (64, 48), "blue")),
+            lambda: chat.add_text("what is it?"),
+            lambda: chat.reply(pipe.text_sampling(max_new_tokens=3)),
+            lambda: chat.add_text("now draw it"),
+        ):
+            step()
+            if eager:
+                _ = chat.session.image_free  # build it now, as every text used to
+    lazy, eager = (c.session for c in chats)
+    assert lazy.cached_tokens == lazy.full.cache.length < eager.cached_tokens  # nothing built yet
+    settings = dict(num_timesteps=3, image_guidance_scale=2.0, seed=0)
+    images = [np.asarray(c.generate_image(pipe.image_settings(pipe.config.t2i, **settings)).image) for c in chats]
+    # the same computations in the same order (only earlier or later): exactly equal
+    assert np.array_equal(images[0], images[1])
+    assert lazy.cached_tokens == eager.cached_tokens
+    assert torch.equal(lazy.image_free.cache.keys(1), eager.image_free.cache.keys(1))
