@@ -11,7 +11,7 @@ from openbagel import InvalidInputError
 from openbagel.inference.generate import generate_latents
 from openbagel.inference.sampling import ImageSampling
 from openbagel.inference.session import Session
-from openbagel.pipeline import split_reasoning
+from openbagel.pipeline import check_size, split_reasoning
 
 FAST = dict(num_timesteps=3)
 
@@ -42,6 +42,41 @@ def test_size_limit_refused_before_compute(pipe, monkeypatch):
     monkeypatch.setattr(pipe.model, "forward", boom)
     with pytest.raises(InvalidInputError, match="exceeds this model's limit of 1024 pixels"):
         pipe.text_to_image("x", height=1040, width=64)
+
+
+def test_supported_sizes_come_from_the_config(pipe):
+    """A model's drawable sizes are in its config; other sizes are refused with
+    those numbers, explicit or taken from an input image, before any compute."""
+    from dataclasses import replace
+
+    from openbagel import BagelPipeline, config_from_checkpoint, preset
+    from openbagel.config import ImageSizes, openbagel_extra
+    from openbagel.pipeline import DEFAULT_MODEL
+
+    assert preset("7b-mot").supported_sizes == ImageSizes(16, 1024, 16)  # the published range
+    assert pipe.config.image_sizes is None  # a checkpoint without the field: the latent grid's range
+    assert pipe.config.supported_sizes == ImageSizes(16, 1024, 16)
+    shipped = config_from_checkpoint(DEFAULT_MODEL)
+    assert shipped.image_sizes == preset("shapes").image_sizes == ImageSizes(64, 64, 16)
+    assert openbagel_extra(shipped)["image_sizes"] == {"min_side": 64, "max_side": 64, "multiple_of": 16}
+    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, replace(pipe.config, image_sizes=ImageSizes(64, 64)))
+    with pytest.raises(InvalidInputError, match="^width 128 is not supported: this model draws 64x64 only$"):
+        small.text_to_image("x", width=128, height=64)
+    with pytest.raises(InvalidInputError, match="^the input image is 80x64 at this model's resolution, a size it "):
+        small.edit(Image.new("RGB", (64, 48)), "x")  # scaled up to the 64-px minimum side, then snapped
+    assert small.edit(Image.new("RGB", (64, 48)), "x", width=64, height=64, **FAST).image.size == (64, 64)
+    ranged = replace(pipe.config, image_sizes=ImageSizes(32, 128, 32))
+    for (h, w), message in {
+        (16, 64): "height 16 is too small; the smallest valid height is 32",
+        (64, 160): "width 160 exceeds this model's limit of 128 pixels$",
+        (64, 80): "width 80 is not a multiple of 32; the nearest valid width is 64",
+    }.items():
+        with pytest.raises(InvalidInputError, match=message):
+            check_size(ranged, h, w)
+    with pytest.raises(ValueError, match="image_sizes: min_side 64 exceeds max_side 32"):
+        ImageSizes(64, 32)
+    with pytest.raises(ValueError, match=r"image_sizes \(sides from 16 to 2048 px, multiples of 16\) must use"):
+        replace(pipe.config, image_sizes=ImageSizes(16, 2048))
 
 
 def test_zero_or_half_sizes(pipe):
