@@ -328,7 +328,8 @@ def check_size(config: BagelConfig, height: int, width: int) -> None:
         if v < sizes.min_side:
             raise InvalidInputError(f"{name} {v} is too small; the smallest valid {name} is {sizes.min_side}")
         if v > sizes.max_side:
-            why = "" if config.image_sizes else f" (max_latent_size {config.max_latent_size} x {config.latent_downsample})"
+            grid = f" (max_latent_size {config.max_latent_size} x {config.latent_downsample})"
+            why = "" if config.image_sizes else grid
             raise InvalidInputError(f"{name} {v} exceeds this model's limit of {sizes.max_side} pixels{why}")
         step = sizes.multiple_of
         if v % step:

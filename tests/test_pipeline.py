@@ -353,3 +353,26 @@ def test_image_free_context_is_built_only_for_an_image(pipe):
     assert np.array_equal(images[0], images[1])
     assert lazy.cached_tokens == eager.cached_tokens
     assert torch.equal(lazy.image_free.cache.keys(1), eager.image_free.cache.keys(1))
+
+
+def test_failed_build_of_the_image_free_context_leaves_the_chat_unchanged(pipe, monkeypatch):
+    chat = pipe.chat()
+    chat.add_image(Image.new("RGB", (64, 48), "blue"))
+    chat.add_text("draw it in red")
+    before = (chat.session.full.cache.length, chat.session.cached_tokens)
+    real = type(pipe.model).forward
+
+    def fail(self, inp, cache=None):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(type(pipe.model), "forward", fail)  # the first pass is the build of the text
+    settings = dict(num_timesteps=3, image_guidance_scale=2.0, seed=0)
+    with pytest.raises(RuntimeError, match="simulated"):
+        chat.generate_image(pipe.image_settings(pipe.config.t2i, **settings))
+    monkeypatch.setattr(type(pipe.model), "forward", real)
+    assert (chat.session.full.cache.length, chat.session.cached_tokens) == before
+    fresh = pipe.chat()
+    fresh.add_image(Image.new("RGB", (64, 48), "blue"))
+    fresh.add_text("draw it in red")
+    images = [c.generate_image(pipe.image_settings(pipe.config.t2i, **settings)).image for c in (chat, fresh)]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # the same computation
