@@ -238,6 +238,50 @@ class ImageSampling:
 
 
 @dataclass(frozen=True)
+class ImageSizes:
+    """The output sizes a model can draw, in pixels: each side a multiple of
+    ``multiple_of`` from ``min_side`` to ``max_side``.
+
+    ``min_side == max_side`` allows one square size only (the embedded model,
+    trained on 64x64 scenes, draws nothing else). A checkpoint states it in
+    ``openbagel.json`` as ``"image_sizes": {"min_side": .., "max_side": ..,
+    "multiple_of": ..}``; without it every size the latent grid can hold is
+    allowed (see :attr:`BagelConfig.supported_sizes`).
+
+    Raises:
+        ValueError: a non-positive value, ``min_side > max_side``, or a bound
+            that is not a multiple of ``multiple_of``.
+    """
+
+    min_side: int
+    max_side: int
+    multiple_of: int = 16
+
+    def __post_init__(self) -> None:
+        _positive(self, "min_side", "max_side", "multiple_of")
+        if self.min_side > self.max_side:
+            raise ValueError(f"image_sizes: min_side {self.min_side} exceeds max_side {self.max_side}")
+        for name in ("min_side", "max_side"):
+            if getattr(self, name) % self.multiple_of:
+                raise ValueError(f"image_sizes: {name} {getattr(self, name)} is not a multiple of {self.multiple_of}")
+
+    @property
+    def single(self) -> bool:
+        """True when one size only (``min_side`` x ``min_side``) is allowed."""
+        return self.min_side == self.max_side
+
+    def allows(self, width: int, height: int) -> bool:
+        """Whether ``width`` x ``height`` pixels is a size of this set."""
+        return all(self.min_side <= v <= self.max_side and v % self.multiple_of == 0 for v in (width, height))
+
+    def describe(self) -> str:
+        """The set in words, e.g. ``"64x64 only"`` or ``"sides from 16 to 1024 px, multiples of 16"``."""
+        if self.single:
+            return f"{self.min_side}x{self.min_side} only"
+        return f"sides from {self.min_side} to {self.max_side} px, multiples of {self.multiple_of}"
+
+
+@dataclass(frozen=True)
 class ImageTaskDefaults:
     """Default output size and sampling settings of one image task (text-to-image or editing).
 
@@ -285,6 +329,9 @@ class BagelConfig:
         sampling=ImageSampling(image_guidance_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"),
     )
     text: TextDefaults = TextDefaults()
+    #: The output sizes the model can draw; None: all the latent grid holds
+    #: (see :attr:`supported_sizes`).
+    image_sizes: ImageSizes | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side")
@@ -300,16 +347,21 @@ class BagelConfig:
             raise ValueError(
                 f"vae_transform stride {self.vae_transform.stride} must be a multiple of {self.latent_downsample} (VAE downsample x latent patch)"
             )
+        sizes = self.image_sizes
+        if sizes is not None and (sizes.multiple_of % self.latent_downsample or sizes.max_side > self.max_image_side):
+            raise ValueError(
+                f"image_sizes ({sizes.describe()}) must use multiples of {self.latent_downsample} up to {self.max_image_side} "
+                "(latent downsample, max_latent_size x latent downsample)"
+            )
         for task, d in (("t2i", self.t2i), ("edit", self.edit)):
             if task == "edit" and d.width == d.height == 0:
                 continue  # the input image's size
-            for side in (d.width, d.height):
-                if not (
-                    isinstance(side, int) and 0 < side <= self.max_image_side and side % self.latent_downsample == 0
-                ):
-                    raise ValueError(
-                        f"{task} default size {d.width}x{d.height} must be positive multiples of {self.latent_downsample} up to {self.max_image_side}"
-                    )
+            if not all(isinstance(side, int) for side in (d.width, d.height)) or not self.supported_sizes.allows(
+                d.width, d.height
+            ):
+                raise ValueError(
+                    f"{task} default size {d.width}x{d.height} is not one this model draws ({self.supported_sizes.describe()})"
+                )
 
     @property
     def latent_channels_per_token(self) -> int:
@@ -323,8 +375,17 @@ class BagelConfig:
 
     @property
     def max_image_side(self) -> int:
-        """Largest image side that can be generated, in pixels (1024 for 7B-MoT)."""
+        """Largest image side the latent grid holds, in pixels (1024 for 7B-MoT)."""
         return self.max_latent_size * self.latent_downsample
+
+    @property
+    def supported_sizes(self) -> ImageSizes:
+        """The output sizes this model draws: ``image_sizes``, or by default
+        every multiple of the latent downsample up to :attr:`max_image_side`
+        (7B-MoT: multiples of 16 up to 1024)."""
+        if self.image_sizes is not None:
+            return self.image_sizes
+        return ImageSizes(self.latent_downsample, self.max_image_side, self.latent_downsample)
 
 
 # ---------------------------------------------------------------------------
@@ -432,6 +493,8 @@ PRESETS: dict[str, BagelConfig] = {
             ),
         ),
         text=TextDefaults(max_new_tokens=16, max_think_tokens=96),
+        # trained on 64x64 scenes only: other sizes crop the scene or give noise
+        image_sizes=ImageSizes(64, 64, 16),
     ),
 }
 
@@ -593,6 +656,8 @@ def _apply_openbagel_extra(cfg: BagelConfig, extra: dict[str, Any]) -> BagelConf
             top[name] = _task_defaults(getattr(cfg, name), extra[name])
     if "text" in extra:
         top["text"] = replace(cfg.text, **extra["text"])
+    if extra.get("image_sizes") is not None:
+        top["image_sizes"] = ImageSizes(**extra["image_sizes"])
     return replace(cfg, **top)
 
 
@@ -603,4 +668,6 @@ def openbagel_extra(cfg: BagelConfig) -> dict[str, Any]:
     out = {
         k: d[k] for k in (*_TOP_LEVEL, "position_mode", "vae", "vae_transform", "vit_transform", "t2i", "edit", "text")
     }
+    if cfg.image_sizes is not None:
+        out["image_sizes"] = d["image_sizes"]
     return out

@@ -309,25 +309,47 @@ class ImageSettings:
 
 
 def check_size(config: BagelConfig, height: int, width: int) -> None:
-    """Refuse sizes the model cannot generate, before any compute.
+    """Refuse sizes the model cannot draw, before any compute.
+
+    The sizes come from the model's config (:attr:`BagelConfig.supported_sizes`:
+    7B-MoT draws multiples of 16 up to 1024 a side; the embedded model 64x64 only).
 
     Raises:
-        InvalidInputError: a side that is not a multiple of 16 (the message
-            gives the nearest valid size), or beyond the model's maximum.
+        InvalidInputError: a side that is not an integer, or outside the
+            model's sizes (the message names them and the nearest valid side).
     """
-    step, limit = config.latent_downsample, config.max_image_side
+    sizes = config.supported_sizes
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InvalidInputError(f"{name} must be an integer number of pixels, got {v!r}")
-        if v < step:
-            raise InvalidInputError(f"{name} {v} is too small; the smallest valid {name} is {step}")
-        if v > limit:
-            raise InvalidInputError(
-                f"{name} {v} exceeds this model's limit of {limit} pixels (max_latent_size {config.max_latent_size} x {step})"
-            )
+    for name, v in (("height", height), ("width", width)):
+        if sizes.single and v != sizes.min_side:
+            raise InvalidInputError(f"{name} {v} is not supported: this model draws {sizes.describe()}")
+        if v < sizes.min_side:
+            raise InvalidInputError(f"{name} {v} is too small; the smallest valid {name} is {sizes.min_side}")
+        if v > sizes.max_side:
+            grid = f" (max_latent_size {config.max_latent_size} x {config.latent_downsample})"
+            why = "" if config.image_sizes else grid
+            raise InvalidInputError(f"{name} {v} exceeds this model's limit of {sizes.max_side} pixels{why}")
+        step = sizes.multiple_of
         if v % step:
-            nearest = min(limit, max(step, round(v / step) * step))
+            nearest = min(sizes.max_side, max(sizes.min_side, round(v / step) * step))
             raise InvalidInputError(f"{name} {v} is not a multiple of {step}; the nearest valid {name} is {nearest}")
+
+
+def check_input_size(config: BagelConfig, width: int, height: int, what: str) -> None:
+    """Refuse an output size taken from an input (``what``: "the input image", "the frames")
+    that the model cannot draw, before any compute.
+
+    Raises:
+        InvalidInputError: naming the size, the model's sizes and the fix.
+    """
+    sizes = config.supported_sizes
+    if not sizes.allows(width, height):
+        raise InvalidInputError(
+            f"{what} is {width}x{height} at this model's resolution, a size it cannot draw "
+            f"(it draws {sizes.describe()}); give an output size it draws (height and width)"
+        )
 
 
 def image_settings(
@@ -581,7 +603,9 @@ class BagelPipeline:
         images the single runs would. ``step_cache`` skips model passes
         (approximate, off by default; see :class:`StepCacheSettings`).
 
-        Sizes are pixels, multiples of 16 (defaults from the config's ``t2i``).
+        Sizes are pixels, among the model's ``config.supported_sizes`` (7B-MoT:
+        multiples of 16 up to 1024; the embedded model: 64x64 only); the
+        defaults come from the config's ``t2i``.
         ``num_timesteps`` counts schedule points: the model runs
         ``num_timesteps - 1`` times. Guidance scales <= 1 turn that guidance off.
         With ``think=True`` the model first writes a plan, returned as ``reasoning``.
@@ -668,7 +692,8 @@ class BagelPipeline:
 
         Raises:
             InvalidInputError: no image given, unreadable image, bad settings,
-                neither or both of ``prompt`` and ``style``, an unknown style.
+                neither or both of ``prompt`` and ``style``, an unknown style,
+                an input whose size the model cannot draw (without ``height``/``width``).
         """
         prompt = style_instruction(prompt, style)
         _check_flag("think", think)
@@ -684,6 +709,8 @@ class BagelPipeline:
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
+        if not s.height:
+            check_input_size(self.config, *resize_size(*loaded[0].size, self.config.vae_transform), "the input image")
         chat = self.chat(THINK_GENERATE_PROMPT if think else None)
         sizes = [chat.add_image(i) for i in loaded]
         if not s.height:
@@ -750,6 +777,8 @@ class BagelPipeline:
             num_timesteps=num_timesteps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
+        if not s.height:
+            check_input_size(self.config, *resize_size(*history[0].size, self.config.vae_transform), "the frames")
         steps = range(num_frames)
         if progress:
             from tqdm.auto import tqdm

@@ -19,6 +19,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from openbagel.config import ImageSizes
 from openbagel.errors import OpenBagelError
 from openbagel.serve.engine import ModelLoad
 
@@ -37,6 +38,12 @@ def preset_size(ratio: str, side: int, step: int = 16) -> tuple[int, int]:
     w, h = SIZE_PRESETS[ratio]
     short = max(step, round(side * min(w, h) / max(w, h) / step) * step)
     return (side, short) if w >= h else (short, side)
+
+
+def size_choices(sizes: ImageSizes, side: int) -> list[str]:
+    """The aspect-ratio presets whose size (longer side ``side``) the model draws, in
+    :data:`SIZE_PRESETS` order (the embedded 64x64 model: ``["1:1"]``)."""
+    return [r for r in SIZE_PRESETS if sizes.allows(*preset_size(r, side, sizes.multiple_of))]
 
 
 class ModelHandle:
@@ -142,6 +149,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
 
         handle = ModelHandle(lambda: BagelPipeline.from_pretrained(folder, **load_kwargs))
     side = max(cfg.t2i.width, cfg.t2i.height)
+    sizes_text = f"this model draws {cfg.supported_sizes.describe()}"
     tmp = Path(tempfile.mkdtemp(prefix="openbagel-ui-"))
     examples = _example_files(tmp)
 
@@ -167,8 +175,10 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
             with gr.Row():
                 renorm = gr.Dropdown(list(RENORM_TYPES), value=s.cfg_renorm_type, label="Guidance renorm")
                 renorm_min = gr.Slider(0, 1, value=s.cfg_renorm_min, step=0.05, label="Renorm minimum")
-                choices = ([] if not edit else ["input"]) + list(SIZE_PRESETS)
-                size = gr.Radio(choices, value=choices[0], label=f"Size (longer side {side} px)", visible=with_size)
+                choices = ([] if not edit else ["input"]) + size_choices(cfg.supported_sizes, side)
+                size = gr.Radio(
+                    choices, value=choices[0], label=f"Size (longer side {side} px; {sizes_text})", visible=with_size
+                )
         return [steps, guidance, image_guidance, lo, hi, shift, renorm, renorm_min, seed, size]
 
     def save(img: Image.Image, name: str) -> str:
@@ -181,7 +191,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
                  progress=gr.Progress()):  # fmt: skip
         pipe = handle.get()
         seed = _seed(seed)
-        width, height = preset_size(size, side)
+        width, height = preset_size(size, side, cfg.supported_sizes.multiple_of)
         r = pipe.text_to_image(
             prompt, width=width, height=height, seed=seed, think=bool(think), on_step=_stepper(progress, "denoising"),
             **_sampling(steps, guidance, image_guidance, lo, hi, shift, renorm, renorm_min),
@@ -197,7 +207,7 @@ def build_ui(model: str | Path | None = None, handle: ModelHandle | None = None,
         seed = _seed(seed)
         kw = {}
         if size != "input":
-            kw["width"], kw["height"] = preset_size(size, side)
+            kw["width"], kw["height"] = preset_size(size, side, cfg.supported_sizes.multiple_of)
         r = pipe.edit(
             image, instruction.strip() or None, style=None if style == "none" else style, seed=seed, think=bool(think),
             on_step=_stepper(progress, "denoising"),

@@ -55,6 +55,14 @@ def test_loads_strictly_as_the_default(default_pipe):
         assert set(f.keys()) == set(default_pipe.model.state_dict())
 
 
+def test_refuses_sizes_it_cannot_draw(default_pipe):
+    """Trained on 64x64 scenes, it gives noise at 128x64: its config says 64x64 only."""
+    from openbagel import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="^width 128 is not supported: this model draws 64x64 only$"):
+        default_pipe.text_to_image("a red circle", width=128, height=64)
+
+
 def test_cli_runs_without_model(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENBAGEL_MODEL", raising=False)
     out = tmp_path / "shapes.png"

@@ -11,7 +11,7 @@ from openbagel import InvalidInputError
 from openbagel.inference.generate import generate_latents
 from openbagel.inference.sampling import ImageSampling
 from openbagel.inference.session import Session
-from openbagel.pipeline import split_reasoning
+from openbagel.pipeline import check_size, split_reasoning
 
 FAST = dict(num_timesteps=3)
 
@@ -42,6 +42,41 @@ def test_size_limit_refused_before_compute(pipe, monkeypatch):
     monkeypatch.setattr(pipe.model, "forward", boom)
     with pytest.raises(InvalidInputError, match="exceeds this model's limit of 1024 pixels"):
         pipe.text_to_image("x", height=1040, width=64)
+
+
+def test_supported_sizes_come_from_the_config(pipe):
+    """A model's drawable sizes are in its config; other sizes are refused with
+    those numbers, explicit or taken from an input image, before any compute."""
+    from dataclasses import replace
+
+    from openbagel import BagelPipeline, config_from_checkpoint, preset
+    from openbagel.config import ImageSizes, openbagel_extra
+    from openbagel.pipeline import DEFAULT_MODEL
+
+    assert preset("7b-mot").supported_sizes == ImageSizes(16, 1024, 16)  # the published range
+    assert pipe.config.image_sizes is None  # a checkpoint without the field: the latent grid's range
+    assert pipe.config.supported_sizes == ImageSizes(16, 1024, 16)
+    shipped = config_from_checkpoint(DEFAULT_MODEL)
+    assert shipped.image_sizes == preset("shapes").image_sizes == ImageSizes(64, 64, 16)
+    assert openbagel_extra(shipped)["image_sizes"] == {"min_side": 64, "max_side": 64, "multiple_of": 16}
+    small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, replace(pipe.config, image_sizes=ImageSizes(64, 64)))
+    with pytest.raises(InvalidInputError, match="^width 128 is not supported: this model draws 64x64 only$"):
+        small.text_to_image("x", width=128, height=64)
+    with pytest.raises(InvalidInputError, match="^the input image is 80x64 at this model's resolution, a size it "):
+        small.edit(Image.new("RGB", (64, 48)), "x")  # scaled up to the 64-px minimum side, then snapped
+    assert small.edit(Image.new("RGB", (64, 48)), "x", width=64, height=64, **FAST).image.size == (64, 64)
+    ranged = replace(pipe.config, image_sizes=ImageSizes(32, 128, 32))
+    for (h, w), message in {
+        (16, 64): "height 16 is too small; the smallest valid height is 32",
+        (64, 160): "width 160 exceeds this model's limit of 128 pixels$",
+        (64, 80): "width 80 is not a multiple of 32; the nearest valid width is 64",
+    }.items():
+        with pytest.raises(InvalidInputError, match=message):
+            check_size(ranged, h, w)
+    with pytest.raises(ValueError, match="image_sizes: min_side 64 exceeds max_side 32"):
+        ImageSizes(64, 32)
+    with pytest.raises(ValueError, match=r"image_sizes \(sides from 16 to 2048 px, multiples of 16\) must use"):
+        replace(pipe.config, image_sizes=ImageSizes(16, 2048))
 
 
 def test_zero_or_half_sizes(pipe):
@@ -221,7 +256,7 @@ def test_image_free_shortcut_equals_separate_context(pipe):
     s.add_text([10, 20, 30])
     noise = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     shortcut = generate_latents(pipe.model, s, 64, 64, params, noise=noise)
-    s._image_free = s.full.fork()  # same content, computed as its own branch
+    s._free_prefix = (s.full.cache.length, s.full.rope)  # same content, built and computed as its own branch
     assert not s.image_free_is_full
     separate = generate_latents(pipe.model, s, 64, 64, params, noise=noise)
     torch.testing.assert_close(shortcut, separate, rtol=1e-5, atol=1e-5)
@@ -293,3 +328,51 @@ def test_context_length_warning(pipe, caplog):
     with caplog.at_level("WARNING"):
         chat.add_text("a" * 4100)  # the tiny model was trained to 4096 positions
     assert "passed 4096 positions" in caplog.text
+
+
+def test_image_free_context_is_built_only_for_an_image(pipe):
+    """Image, question, reply, then "now draw it": understanding builds no
+    image-free context; the generation builds it from the conversation's
+    record and gets what building it at every turn (the old way) gives."""
+    chats = [pipe.chat(), pipe.chat()]
+    for eager, chat in zip((False, True), chats):
+        for step in (
+            lambda: chat.add_image(Image.new("RGB", (64, 48), "blue")),
+            lambda: chat.add_text("what is it?"),
+            lambda: chat.reply(pipe.text_sampling(max_new_tokens=3)),
+            lambda: chat.add_text("now draw it"),
+        ):
+            step()
+            if eager:
+                _ = chat.session.image_free  # build it now, as every text used to
+    lazy, eager = (c.session for c in chats)
+    assert lazy.cached_tokens == lazy.full.cache.length < eager.cached_tokens  # nothing built yet
+    settings = dict(num_timesteps=3, image_guidance_scale=2.0, seed=0)
+    images = [np.asarray(c.generate_image(pipe.image_settings(pipe.config.t2i, **settings)).image) for c in chats]
+    # the same computations in the same order (only earlier or later): exactly equal
+    assert np.array_equal(images[0], images[1])
+    assert lazy.cached_tokens == eager.cached_tokens
+    assert torch.equal(lazy.image_free.cache.keys(1), eager.image_free.cache.keys(1))
+
+
+def test_failed_build_of_the_image_free_context_leaves_the_chat_unchanged(pipe, monkeypatch):
+    chat = pipe.chat()
+    chat.add_image(Image.new("RGB", (64, 48), "blue"))
+    chat.add_text("draw it in red")
+    before = (chat.session.full.cache.length, chat.session.cached_tokens)
+    real = type(pipe.model).forward
+
+    def fail(self, inp, cache=None):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(type(pipe.model), "forward", fail)  # the first pass is the build of the text
+    settings = dict(num_timesteps=3, image_guidance_scale=2.0, seed=0)
+    with pytest.raises(RuntimeError, match="simulated"):
+        chat.generate_image(pipe.image_settings(pipe.config.t2i, **settings))
+    monkeypatch.setattr(type(pipe.model), "forward", real)
+    assert (chat.session.full.cache.length, chat.session.cached_tokens) == before
+    fresh = pipe.chat()
+    fresh.add_image(Image.new("RGB", (64, 48), "blue"))
+    fresh.add_text("draw it in red")
+    images = [c.generate_image(pipe.image_settings(pipe.config.t2i, **settings)).image for c in (chat, fresh)]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # the same computation

@@ -23,6 +23,7 @@ from openbagel.serve.engine import Cancelled, Engine, Job, QueueFull
 from openbagel.serve.inputs import ReasoningSplitter, split_thinking
 from openbagel.serve.metrics import Metrics
 from openbagel.shapes import world
+from tests.close import assert_images_close
 
 FAST = {"num_inference_steps": 4}
 
@@ -95,26 +96,28 @@ def test_generations_n_gives_different_seeded_images(client, shapes_pipe):
     images = [decode(d["b64_json"]) for d in data]
     assert all(i.size == (64, 64) for i in images)
     assert len({i.tobytes() for i in images}) == 3  # n different images, never n copies
-    # each equals the Python API's image for its seed
+    # each equals the Python API's image for its seed, up to float rounding (a batch of 3 runs other shapes)
     ref = shapes_pipe.text_to_image("a red circle", seed=8, num_timesteps=4).image
-    assert images[1].tobytes() == ref.tobytes()
+    assert_images_close(images[1], ref, "image 2 of a batch vs its seed alone")
     assert r.headers["x-request-id"].startswith("req-")
 
 
 def test_generations_pass_every_setting(client, shapes_pipe):
     knobs = {"guidance_scale": 2.0, "timestep_shift": 2.0, "cfg_interval": [0.2, 1.0], "cfg_renorm_type": "channel"}
     r = client.post(
-        "/v1/images/generations", json={"prompt": "a blue square", "seed": 3, "size": "48x32", **FAST, **knobs}
+        "/v1/images/generations", json={"prompt": "a blue square", "seed": 3, "size": "64x64", **FAST, **knobs}
     )
     assert r.status_code == 200, r.text
     got = decode(r.json()["data"][0]["b64_json"])
     ref = shapes_pipe.text_to_image(
-        "a blue square", seed=3, width=48, height=32, num_timesteps=4, guidance_scale=2.0, timestep_shift=2.0,
+        "a blue square", seed=3, width=64, height=64, num_timesteps=4, guidance_scale=2.0, timestep_shift=2.0,
         cfg_interval=(0.2, 1.0), cfg_renorm_type="channel",
     ).image  # fmt: skip
-    assert got.size == (48, 32) and got.tobytes() == ref.tobytes()
-    plain = client.post("/v1/images/generations", json={"prompt": "a blue square", "seed": 3, "size": "48x32", **FAST})
+    assert got.size == (64, 64) and got.tobytes() == ref.tobytes()  # one image: the same computation
+    plain = client.post("/v1/images/generations", json={"prompt": "a blue square", "seed": 3, "size": "64x64", **FAST})
     assert decode(plain.json()["data"][0]["b64_json"]).tobytes() != ref.tobytes()  # the guidance was not dropped
+    r = client.post("/v1/images/generations", json={"prompt": "a blue square", "size": "48x32", **FAST})
+    assert r.status_code == 400 and "this model draws 64x64 only" in r.text  # the size reaches the model's check
 
 
 def test_generations_jpeg_and_think(client):
@@ -128,7 +131,9 @@ def test_generations_jpeg_and_think(client):
 
 
 def test_edits_size_follows_input_or_request(client, shapes_pipe):
-    src = scene_image(48)
+    """The embedded model draws 64x64 only: a 64-px input sets the size; a
+    48-px one needs the size given; a size it cannot draw is refused, never ignored."""
+    src = scene_image(64)
     files = {"image": ("in.png", png_bytes(src), "image/png")}
     r = client.post(
         "/v1/images/edits", files=files, data={"prompt": "make it blue", "seed": "2", "num_inference_steps": "4"}
@@ -136,11 +141,18 @@ def test_edits_size_follows_input_or_request(client, shapes_pipe):
     assert r.status_code == 200, r.text
     out = decode(r.json()["data"][0]["b64_json"])
     ref = shapes_pipe.edit(src, "make it blue", seed=2, num_timesteps=4).image
-    assert out.size == (48, 48) and out.tobytes() == ref.tobytes()
+    assert out.size == (64, 64) and out.tobytes() == ref.tobytes()  # one image: the same computation
+    small = {"image": ("in.png", png_bytes(scene_image(48)), "image/png")}
+    r = client.post("/v1/images/edits", files=small, data={"prompt": "make it blue", "num_inference_steps": "4"})
+    assert r.status_code == 400 and "the input image is 48x48" in r.text and "64x64 only" in r.text
+    r = client.post(
+        "/v1/images/edits", files=small, data={"prompt": "make it blue", "size": "64x64", "num_inference_steps": "4"}
+    )
+    assert decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
     r = client.post(
         "/v1/images/edits", files=files, data={"prompt": "make it blue", "size": "32x32", "num_inference_steps": "4"}
     )
-    assert decode(r.json()["data"][0]["b64_json"]).size == (32, 32)  # never silently ignored
+    assert r.status_code == 400 and "height 32 is not supported" in r.text  # never silently ignored
 
 
 def test_edits_style_preset_and_several_images(client, shapes_pipe):

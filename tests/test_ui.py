@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from openbagel.ui import SIZE_PRESETS, ModelHandle, preset_size
+from openbagel.ui import SIZE_PRESETS, ModelHandle, preset_size, size_choices
 from tests.conftest import live_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OUTPUT = Path(os.environ.get("OPENBAGEL_TEST_OUTPUT", Path(__file__).resolve().parents[1] / "test-output")) / "ui"
+
+
+def test_size_choices_are_the_models_sizes():
+    from openbagel import preset
+
+    assert size_choices(preset("shapes").supported_sizes, 64) == ["1:1"]  # 64x64 only; 16:9 would be 64x32
+    assert size_choices(preset("7b-mot").supported_sizes, 1024) == list(SIZE_PRESETS)
 
 
 def test_preset_sizes():

@@ -207,10 +207,14 @@ def generate_latents_batch(
         contexts = {
             (0, FULL): session.full,
             (0, TEXT_FREE): session.text_free() if text_on else None,  # a copy, as the reference makes
-            (0, IMAGE_FREE): session.image_free,  # the full context itself while they are equal
+            (0, IMAGE_FREE): session.image_free if image_on else None,  # the full context itself while they are equal
         }
     else:
-        branches = {(j, kind): s.branch(kind) for j, s in enumerate(sessions) for kind in (FULL, TEXT_FREE, IMAGE_FREE)}
+        branches = {}
+        for j, s in enumerate(sessions):
+            branches[j, FULL], branches[j, TEXT_FREE] = s.branch(FULL), s.branch(TEXT_FREE)
+            if image_on and not s.image_free_is_full:  # built from the session's record only here
+                branches[j, IMAGE_FREE] = s.branch(IMAGE_FREE)
         queries: dict[tuple, BatchedQuery | ParallelQuery] = {}
     cache = TaylorStepCache(step_cache) if step_cache is not None else None
 

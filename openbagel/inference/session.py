@@ -8,7 +8,10 @@
 * **image-free** (for image guidance): the user texts, the system prompt and
   the assistant answers, but no image segments and no generated reasoning.
   While nothing full-only has been added it *is* the full context, and is
-  not computed twice.
+  not computed twice. Once they differ, the session keeps a record of the
+  texts it holds and builds it only when an image is generated from it
+  (:meth:`Session.branch`): understanding never reads it, so a question
+  after an image costs no second copy of its keys and values.
 
 Spec section 7 gives the recipes built on these.
 """
@@ -91,29 +94,50 @@ class Session:
         self.special = special
         self.budget = CacheBudget(max_cache_bytes)
         self.full = Context.empty(model, capacity, self.budget)
-        self._image_free: Context | None = None  # None: identical to full
         self._mark = (0, 0)  # text-free context: (kv length, rope) in full
+        # The image-free context, once it differs from the full one: the full
+        # context's (kv length, rope) when they parted (its shared prefix),
+        # then the texts added since. ``_image_free`` is built from that record
+        # on demand and holds its first ``_free_built`` texts.
+        self._free_prefix: tuple[int, int] | None = None  # None: identical to full
+        self._free_texts: list[list[int]] = []
+        self._image_free: Context | None = None
+        self._free_built = 0
 
     @property
     def image_free_is_full(self) -> bool:
         """True while the image-free context holds exactly what the full context holds."""
-        return self._image_free is None
+        return self._free_prefix is None
 
     @property
     def image_free(self) -> Context:
-        return self.full if self._image_free is None else self._image_free
+        """The image-free context, built now from the conversation's record if needed (model forwards)."""
+        if self._free_prefix is None:
+            return self.full
+        if self._image_free is None:
+            length, rope = self._free_prefix
+            # the full context's first ``length`` tokens never change once written
+            if length:
+                self._image_free = self.full.fork(length, rope)
+            else:
+                self._image_free = Context.empty(self.model, budget=self.budget)
+                self._image_free.rope = rope
+            self._free_built = 0
+        ctx = self._image_free
+        for ids in self._free_texts[self._free_built :]:
+            before = (ctx.cache.length, ctx.rope)
+            try:
+                self._text(ctx, ids)
+            except BaseException:  # e.g. no budget left: keep the record and the context consistent
+                ctx.cache.length, ctx.rope = before
+                raise
+            self._free_built += 1
+        return ctx
 
     def _diverge(self) -> None:
         # The image-free context starts as the full one; from here on they differ.
-        # Its storage begins with a copy of what they share, made once per
-        # conversation: nothing in the usual recipes (the first image comes
-        # first), a system prompt or earlier texts otherwise.
-        if self._image_free is None:
-            if self.full.cache.length:
-                self._image_free = self.full.fork()
-            else:
-                self._image_free = Context.empty(self.model, self.full.cache.capacity, self.budget)
-                self._image_free.rope = self.full.rope
+        if self._free_prefix is None:
+            self._free_prefix = (self.full.cache.length, self.full.rope)
 
     def _text(self, ctx: Context, ids: list[int]) -> None:
         # Long texts are prefilled in chunks: exact for causal attention, and the
@@ -129,15 +153,17 @@ class Session:
         Args:
             ids: token ids of the text (no specials).
             user: a user text: the text-free context becomes the full context as it is now.
-            image_free: also append to the image-free context (False for generated reasoning).
+            image_free: also part of the image-free context (False for generated
+                reasoning); once that context differs from the full one, the text
+                is recorded for it and computed only when an image needs it.
         """
         if user:
             self._mark = (self.full.cache.length, self.full.rope)
         if not image_free:
             self._diverge()
         self._text(self.full, ids)
-        if image_free and self._image_free is not None:
-            self._text(self._image_free, ids)
+        if image_free and self._free_prefix is not None:
+            self._free_texts.append(list(ids))
 
     def add_vae_image(self, latent_tokens: Tensor, position_ids: Tensor) -> None:
         """Append a clean VAE image segment ``[h*w, p*p*z]`` (t = 0) to the full context."""
@@ -163,7 +189,11 @@ class Session:
         return self.full.fork(length, rope)
 
     def branch(self, kind: str) -> Branch:
-        """Where a guidance context lives, without copying it: ``FULL``, ``TEXT_FREE`` or ``IMAGE_FREE``."""
+        """Where a guidance context lives, without copying it: ``FULL``, ``TEXT_FREE`` or ``IMAGE_FREE``.
+
+        ``IMAGE_FREE`` first builds that context from the record if needed
+        (model forwards; CacheBudgetError if the budget cannot hold it).
+        """
         if kind == TEXT_FREE:
             return Branch(self.full.cache, *self._mark)
         ctx = self.full if kind == FULL else self.image_free
@@ -187,7 +217,7 @@ class Session:
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens held by the full and image-free contexts (once each when they are the same)."""
+        """Tokens held by the full context and the image-free one as built so far (once each when they are the same)."""
         n = self.full.cache.length
         return n if self._image_free is None else n + self._image_free.cache.length
 
@@ -195,25 +225,25 @@ class Session:
     def transaction(self) -> Iterator[None]:
         """Undo everything added inside the block if it raises (an error or
         Ctrl-C mid-way leaves the conversation as it was). Caches only grow,
-        so undoing is resetting lengths and counters."""
+        so undoing is resetting lengths, counters and the image-free record."""
         full = (self.full.cache.length, self.full.rope)
-        free = None if self._image_free is None else (self._image_free.cache.length, self._image_free.rope)
-        mark = self._mark
+        record = (self._mark, self._free_prefix, len(self._free_texts), self._image_free, self._free_built)
+        built = None if self._image_free is None else (self._image_free.cache.length, self._image_free.rope)
         try:
             yield
         except BaseException:
             self.full.cache.length, self.full.rope = full
-            if free is None:
-                self._image_free = None
-            else:
-                self._image_free.cache.length, self._image_free.rope = free
-            self._mark = mark
+            self._mark, self._free_prefix, n_texts, self._image_free, self._free_built = record
+            del self._free_texts[n_texts:]
+            if built is not None:
+                self._image_free.cache.length, self._image_free.rope = built
             raise
 
     def fork(self) -> Session:
         """An independent copy of the whole conversation."""
         new = Session.__new__(Session)
-        new.model, new.special, new._mark = self.model, self.special, self._mark
+        new.model, new.special, new.budget, new._mark = self.model, self.special, self.budget, self._mark
         new.full = self.full.fork()
+        new._free_prefix, new._free_texts, new._free_built = self._free_prefix, list(self._free_texts), self._free_built
         new._image_free = None if self._image_free is None else self._image_free.fork()
         return new
