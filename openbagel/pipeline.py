@@ -12,7 +12,6 @@ guidance contexts) and runs the text decoder or the image sampler on it.
 from __future__ import annotations
 
 import numbers
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.inference.session import Context, Session
 from openbagel.inference.static_decode import StaticDecoder
 from openbagel.inference.step_cache import StepCacheSettings
+from openbagel.inference.thinking import ReasoningSplitter, split_reasoning  # noqa: F401 (the server streams with the splitter)
 from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE
@@ -285,17 +285,6 @@ class TextResult:
 
     text: str
     reasoning: str | None = None
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Split ``<think> ... </think> answer`` into ``(reasoning, answer)``.
-
-    Without a closing ``</think>`` the whole text is the answer and reasoning is None.
-    """
-    head, sep, tail = text.partition("</think>")
-    if not sep:
-        return None, text.strip()
-    return re.sub(r"^\s*<think>", "", head).strip(), tail.strip()
 
 
 @dataclass

@@ -17,10 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from openbagel import BagelPipeline
+from openbagel import BagelPipeline, Chat
+from openbagel.pipeline import ReasoningSplitter, split_reasoning
 from openbagel.serve import Limits, ServeSettings, create_app
 from openbagel.serve.engine import Cancelled, Engine, Job, QueueFull
-from openbagel.serve.inputs import ReasoningSplitter, split_thinking
 from openbagel.serve.metrics import Metrics
 from openbagel.shapes import world
 
@@ -220,12 +220,12 @@ def test_chat_reasoning_comes_back_apart(client):
     msgs = [{"role": "user", "content": "Draw a cool shape: which colour?"}]
     whole = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning": True, "max_tokens": 40}).json()
     message = whole["choices"][0]["message"]
-    assert "reasoning_content" in message and message["reasoning_content"]
+    assert "reasoning_content" in message
     chunks = _stream(client, {"messages": msgs, "reasoning": True, "max_tokens": 40})
     deltas = [c["choices"][0]["delta"] for c in chunks]
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas).strip()
     content = "".join(d.get("content", "") for d in deltas).strip()
-    assert (reasoning, content) == (message["reasoning_content"], message["content"])
+    assert (reasoning, content) == (message["reasoning_content"] or "", message["content"])
     off = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning_effort": "none", "max_tokens": 40})
     assert "reasoning_content" not in off.json()["choices"][0]["message"]
 
@@ -616,14 +616,44 @@ def test_disconnect_while_running_stops_at_the_next_step():
     assert 5 < len(steps) < 100  # stopped long before the 500 steps
 
 
-def test_reasoning_splitter_holds_back_split_tags():
+THINKING = [  # decoded pieces -> (reasoning, answer)
+    (["<th", "ink> plan", " a</th", "ink> pi", "nk"], ("plan a", "pink")),
+    (["pink"], (None, "pink")),  # the model did not think: all answer (was all reasoning on the server)
+    (["<think> cut sh", "ort </th"], ("cut short </th", "")),  # never closed: all reasoning
+    ([" <t"], (None, "<t")),  # too short to open <think>: an answer
+    (["pink </think> x"], (None, "pink </think> x")),
+]
+
+
+@pytest.mark.parametrize("pieces,expect", THINKING)
+def test_reasoning_splitter_holds_back_split_tags(pieces, expect):
     s = ReasoningSplitter()
-    pieces = ["<th", "ink> plan", " a</th", "ink> ans", "wer"]
     out = [p for piece in pieces for p in s.feed(piece)] + s.flush()
-    assert "".join(t for k, t in out if k == "reasoning") == " plan a"
-    assert "".join(t for k, t in out if k == "content") == " answer"
-    assert split_thinking("<think>x</think> y") == ("x", "y")
-    assert split_thinking("never closed") == ("never closed", "")
+    reasoning, answer = expect
+    assert "".join(t for k, t in out if k == "reasoning").strip() == (reasoning or "")
+    assert "".join(t for k, t in out if k == "content").strip() == answer
+    assert split_reasoning("".join(pieces)) == expect
+
+
+@pytest.mark.parametrize("pieces,expect", THINKING)
+def test_thinking_splits_alike_in_python_and_on_the_server(client, shapes_pipe, monkeypatch, pieces, expect):
+    def reply_stream(self, params, generator=None, remember=True, on_token=None):
+        for piece in pieces:
+            if on_token is not None:
+                on_token(0)
+            yield piece
+
+    monkeypatch.setattr(Chat, "reply_stream", reply_stream)
+    reasoning, answer = expect
+    result = shapes_pipe.understand(None, "Which colour?", think=True)
+    assert (result.reasoning, result.text) == expect
+    msgs = [{"role": "user", "content": "Which colour?"}]
+    message = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning": True}).json()
+    message = message["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == expect
+    deltas = [c["choices"][0]["delta"] for c in _stream(client, {"messages": msgs, "reasoning": True})]
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == (reasoning or "")
+    assert "".join(d.get("content", "") for d in deltas).strip() == answer
 
 
 def test_ui_mounts_at_slash_ui(shapes_pipe):

@@ -30,16 +30,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openbagel.errors import InvalidInputError, NumericalError
-from openbagel.pipeline import ImageResult, check_text
+from openbagel.pipeline import ImageResult, ReasoningSplitter, check_text, split_reasoning
 from openbagel.serve.engine import Cancelled, Engine, Job, NotReady, QueueFull
-from openbagel.serve.inputs import (
-    ReasoningSplitter,
-    RequestError,
-    decode_data_url,
-    decode_image,
-    parse_size,
-    split_thinking,
-)
+from openbagel.serve.inputs import RequestError, decode_data_url, decode_image, parse_size
 from openbagel.serve.metrics import Metrics
 from openbagel.serve.settings import ServeSettings
 
@@ -671,7 +664,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             prompt_tokens, text = await engine.run(work, job, request.is_disconnected)
             message: dict[str, Any] = {"role": "assistant"}
             if think:
-                reasoning, answer = split_thinking(text)
+                reasoning, answer = split_reasoning(text)  # as understand(think=True) splits it
                 message.update(content=answer, reasoning_content=reasoning)
             else:
                 message["content"] = text.strip()

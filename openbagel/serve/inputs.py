@@ -1,6 +1,5 @@
 """Request inputs the server checks itself: uploaded images (size and format
-from the header, before decoding), data URLs, ``"WxH"`` sizes, and the
-split of a streamed thinking answer into reasoning and content."""
+from the header, before decoding), data URLs and ``"WxH"`` sizes."""
 
 from __future__ import annotations
 
@@ -129,64 +128,3 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
             code="invalid_value",
         )
     return int(m.group(1)), int(m.group(2))
-
-
-class ReasoningSplitter:
-    """Splits a streamed thinking answer, ``<think> reasoning </think> answer``,
-    into ``("reasoning", text)`` and ``("content", text)`` pieces as they
-    arrive, holding back only text that could be the start of a tag. Everything
-    before ``</think>`` is reasoning (a leading ``<think>`` is dropped), so a
-    model that never closes its reasoning gives no content."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self.state = "start"  # start -> reasoning -> content
-        self.buffer = ""
-
-    def feed(self, piece: str) -> list[tuple[str, str]]:
-        self.buffer += piece
-        out: list[tuple[str, str]] = []
-        if self.state == "start":
-            stripped = self.buffer.lstrip()
-            if self.OPEN.startswith(stripped):  # may still become "<think>"
-                return out
-            if stripped.startswith(self.OPEN):
-                stripped = stripped[len(self.OPEN) :]
-            self.buffer, self.state = stripped, "reasoning"
-        if self.state == "reasoning":
-            head, sep, tail = self.buffer.partition(self.CLOSE)
-            if sep:
-                out.append(("reasoning", head))
-                self.state, self.buffer = "content", tail
-            else:
-                keep = _partial_suffix(self.buffer, self.CLOSE)
-                out.append(("reasoning", self.buffer[: len(self.buffer) - keep]))
-                self.buffer = self.buffer[len(self.buffer) - keep :]
-        if self.state == "content":
-            out.append(("content", self.buffer))
-            self.buffer = ""
-        return [(k, t) for k, t in out if t]
-
-    def flush(self) -> list[tuple[str, str]]:
-        """What is held back at the end (reasoning, as no ``</think>`` came)."""
-        text, self.buffer = self.buffer, ""
-        return [("content" if self.state == "content" else "reasoning", text)] if text else []
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """A whole thinking answer -> ``(reasoning, content)``, stripped, exactly as
-    :class:`ReasoningSplitter` splits it piece by piece."""
-    parts = {"reasoning": "", "content": ""}
-    splitter = ReasoningSplitter()
-    for kind, piece in splitter.feed(text) + splitter.flush():
-        parts[kind] += piece
-    return parts["reasoning"].strip(), parts["content"].strip()
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
