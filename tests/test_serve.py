@@ -393,6 +393,42 @@ def test_malformed_bodies(client):
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
 
 
+def test_messages_name_the_problem_and_the_fix(client):
+    post = lambda body: client.post(  # noqa: E731
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    ).json()["error"]
+    err = post(b"")
+    assert "request body is empty" in err["message"] and err["param"] is None  # was "None is required"
+    err = post(b'{"messages": [,]}')
+    assert err["message"].startswith("the body is not valid JSON") and "at character 14" in err["message"]
+    assert err["param"] is None and err["code"] == "invalid_json"  # was param "[14]"
+    for value in (b"NaN", b"Infinity", b"-Infinity"):
+        err = post(b'{"messages": [{"role": "user", "content": "hi"}], "temperature": ' + value + b"}")
+        assert err["param"] == "temperature" and "must be a finite number" in err["message"]  # was "<= 2"
+
+
+def test_tiny_temperatures_are_greedy_over_http(client):
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(scene_image())}},
+                {"type": "text", "text": "What colour is the circle?"},
+            ],
+        }
+    ]
+    greedy = client.post("/v1/chat/completions", json={"messages": msgs, "temperature": 0})
+    assert greedy.status_code == 200
+    for t in (1e-300, 5e-324):
+        r = client.post("/v1/chat/completions", json={"messages": msgs, "temperature": t, "seed": 1})
+        assert r.status_code == 200, r.text  # was 500
+        assert r.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+        chunks = _stream(client, {"messages": msgs, "temperature": t, "seed": 1})
+        assert all("error" not in c for c in chunks)  # was 200, then an error event
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text.strip() == greedy.json()["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(
     "image,code",
     [

@@ -48,8 +48,9 @@ CLIENT_CLOSED = 499
 
 class _Body(BaseModel):
     # unknown fields are refused (a misspelt setting must not be silently
-    # dropped), and types are strict: no "2" or true for a number
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # dropped), types are strict (no "2" or true for a number), and NaN or
+    # Infinity (which Python's JSON reader accepts) is no number
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _ImageKnobs(_Body):
@@ -165,7 +166,21 @@ def _validation_error(errors: list[dict]) -> RequestError:
         param += f"[{p}]" if isinstance(p, int) else (f".{p}" if param else str(p))
     param = param or None
     msg = e.get("msg", "invalid value")
-    if e.get("type") == "extra_forbidden":
+    if e.get("type") == "json_invalid":  # the location holds the character offset, not a field
+        offset = next((p for p in e.get("loc", ()) if isinstance(p, int)), None)
+        at = f" at character {offset}" if offset is not None else ""
+        return RequestError(
+            f"the body is not valid JSON ({msg}{at}); send a JSON object (Content-Type: application/json)",
+            code="invalid_json",
+        )
+    if param is None and e.get("type") == "missing":  # the whole body
+        return RequestError(
+            "the request body is empty; send a JSON object with the request's fields (Content-Type: application/json)",
+            code="invalid_value",
+        )
+    if e.get("type") == "finite_number":
+        msg = f"{param} must be a finite number (NaN and Infinity are not accepted)"
+    elif e.get("type") == "extra_forbidden":
         msg = f"unknown field {param!r}; see the API docs (/docs) for the accepted fields"
     elif e.get("type") == "missing":
         msg = f"{param} is required"
