@@ -23,6 +23,7 @@ from openbagel.serve import Limits, ServeSettings, create_app
 from openbagel.serve.engine import Cancelled, Engine, Job, QueueFull
 from openbagel.serve.metrics import Metrics
 from openbagel.shapes import world
+from tests.test_images import bad_exif_jpeg
 
 FAST = {"num_inference_steps": 4}
 
@@ -445,6 +446,16 @@ def test_bad_uploads(client, image, code):
     assert r.json()["error"]["code"] == code and r.json()["error"]["param"] == "image"
 
 
+def test_malformed_exif_is_no_500(client):
+    jpeg = bad_exif_jpeg()  # Pillow's exif_transpose raises struct.error on it
+    r = client.post("/v1/images/edits", files={"image": ("x.jpg", jpeg, "image/jpeg")}, data={"prompt": "x", **FAST})
+    assert r.status_code == 200, r.text
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_mask_is_refused(client):
     png = png_bytes(scene_image())
     r = client.post(
@@ -537,6 +548,11 @@ def test_not_ready_answers_503():
         assert c.get("/ready").status_code == 503
         r = c.post("/v1/images/generations", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready" and r.headers["retry-after"]
+        assert c.get("/ready").status_code == 503
+        text = c.get("/metrics").text
+        # readiness polls while loading are no errors (5xx alerts fired on every restart)
+        assert 'openbagel_requests_total{outcome="not_ready",route="/ready"} 2.0' in text
+        assert 'outcome="error",route="/ready"' not in text
         gate.set()
         app.state.engine.wait_loaded(10)
         assert c.get("/ready").json()["status"] == "failed"

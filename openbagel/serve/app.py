@@ -288,6 +288,7 @@ class _Guard:
             code = CLIENT_CLOSED
         outcome = (
             "ok" if code < 400 else "rejected" if code == 429 else "cancelled" if code == CLIENT_CLOSED
+            else "not_ready" if route == "/ready" and code == 503  # a readiness poll while loading: no error
             else "client_error" if code < 500 else "error"
         )  # fmt: skip
         self.metrics.requests.labels(route, outcome).inc()
