@@ -866,7 +866,7 @@ def serve(
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running in the engine at once."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(
-        4096 * 4096, "--max-image-pixels", help="Largest uploaded image (width x height), checked before decoding."
+        4096 * 4096, "--max-image-pixels", help="Most pixels (width x height) over all images of a request, checked before decoding."
     ),
     max_n: int = typer.Option(4, "--max-n", help="Most images per request (n)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Most num_inference_steps per request."),

@@ -456,6 +456,41 @@ def test_malformed_exif_is_no_500(client):
     assert r.status_code == 200, r.text
 
 
+def _blank_png_url(side: int) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (side, side), "white"))).decode()
+
+
+def test_images_are_decoded_only_once_admitted(shapes_pipe, monkeypatch):
+    from openbagel.serve import inputs
+
+    decoded = []
+    real = inputs.load_image
+    monkeypatch.setattr(inputs, "load_image", lambda data: decoded.append(len(data)) or real(data))
+    c = _client(shapes_pipe, max_queue=0, limits=Limits(max_image_pixels=64 * 64))
+    engine = c.app.state.engine
+    try:
+        one = [{"type": "image_url", "image_url": {"url": _blank_png_url(64)}}, {"type": "text", "text": "?"}]
+        msgs = [{"role": "user", "content": one}]
+        engine.running += 1  # the only slot is busy and nothing may wait: the next request is refused
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1})
+        assert r.status_code == 429 and decoded == []  # refused before its image was decoded
+        files = {"image": ("a.png", png_bytes(scene_image()), "image/png")}
+        r = c.post("/v1/images/edits", files=files, data={"prompt": "x", **FAST})
+        assert r.status_code == 429 and decoded == []
+        engine.running -= 1
+        # the pixel limit holds for the sum over a request's images (two 64x64 images: 8192 pixels)
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": one + one}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large" and decoded == []
+        assert "8192 pixels in all" in r.json()["error"]["message"]
+        files = [("image[]", ("a.png", png_bytes(scene_image()), "image/png"))] * 2
+        r = c.post("/v1/images/edits", files=files, data={"prompt": "x", **FAST})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large" and decoded == []
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1})
+        assert r.status_code == 200 and len(decoded) == 1  # admitted: decoded once
+    finally:
+        c.__exit__(None, None, None)
+
+
 def test_mask_is_refused(client):
     png = png_bytes(scene_image())
     r = client.post(

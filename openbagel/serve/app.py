@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from openbagel.errors import InvalidInputError, NumericalError
 from openbagel.pipeline import ImageResult, ReasoningSplitter, check_text, split_reasoning
 from openbagel.serve.engine import Cancelled, Engine, Job, NotReady, QueueFull
-from openbagel.serve.inputs import RequestError, decode_data_url, decode_image, parse_size
+from openbagel.serve.inputs import RequestError, Upload, check_data_url, check_image, check_total_pixels, parse_size
 from openbagel.serve.metrics import Metrics
 from openbagel.serve.settings import ServeSettings
 
@@ -585,10 +585,11 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
                 raise RequestError("image must be a file upload, not a text field", param="image", code="invalid_value")
         kw = image_kwargs(p, body, p.config.edit)  # settings checked before any image is decoded
         datas = [await f.read() for f in files]
-        images = [
-            await run_in_threadpool(decode_image, d, limits, "image" if len(datas) == 1 else f"image[{i}]")
+        uploads = [
+            await run_in_threadpool(check_image, d, limits, "image" if len(datas) == 1 else f"image[{i}]")
             for i, d in enumerate(datas)
-        ]
+        ]  # headers only: pixels are decoded once the request holds an engine slot
+        check_total_pixels(uploads, limits, "image")
         from openbagel.pipeline import style_instruction
 
         try:
@@ -603,6 +604,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         engine.admit()
 
         def work(job: Job):
+            images = [u.decode() for u in uploads]
             if body.think:  # each image plans on its own
                 out = [
                     p.edit(images[0], instruction, images=images[1:], seed=s, think=True, on_step=job.on_step, **kw)
@@ -654,8 +656,8 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
                 for item in items:
                     if isinstance(item, str):
                         chat.add_text(item)
-                    else:
-                        chat.add_image(item, vae=False)
+                    else:  # decoded here, holding an engine slot: a queued request holds only its bytes
+                        chat.add_image(item.decode(), vae=False)
             prompt_tokens = chat.session.full.cache.length
             pieces = chat.reply_stream(params, make_generator(body.seed), remember=False, on_token=job.on_token)
             return prompt_tokens, pieces
@@ -793,17 +795,20 @@ def _param_of(message: str) -> str | None:
 
 
 async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, list]], list[str], list[str]]:
-    """Chat messages -> ``(turns, system texts, all texts)``; turns are ``(role, [text | image])``.
+    """Chat messages -> ``(turns, system texts, all texts)``; turns are ``(role, [text | Upload])``,
+    images checked from their headers but not decoded.
 
     Raises:
         RequestError: system messages after the conversation started, an empty
             conversation, a last message that is not the user's, images in
-            assistant or system messages, too many images, bad image URLs.
+            assistant or system messages, too many images, bad image URLs, more
+            than ``limits.max_image_pixels`` pixels over all images.
     """
     turns: list[tuple[str, list]] = []
     system: list[str] = []
     texts: list[str] = []
     n_images = 0
+    uploads: list[Upload] = []
     for i, m in enumerate(body.messages):
         if m.content is None or m.content == [] or (m.role == "user" and m.content == ""):
             raise RequestError(f"messages[{i}].content is empty", param=f"messages[{i}].content", code="invalid_value")
@@ -831,7 +836,9 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
                     raise RequestError(
                         f"at most {limits.max_images} images per request", param=where, code="invalid_value"
                     )
-                items.append(await run_in_threadpool(decode_data_url, part.image_url.url, limits, f"{where}.image_url"))
+                upload = await run_in_threadpool(check_data_url, part.image_url.url, limits, f"{where}.image_url")
+                uploads.append(upload)
+                items.append(upload)
         texts += [t for t in items if isinstance(t, str)]
         if m.role in ("system", "developer"):
             if turns:
@@ -845,4 +852,5 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
             turns.append((m.role, items))
     if not turns or turns[-1][0] != "user":
         raise RequestError("the last message must be the user's", param="messages", code="invalid_value")
+    check_total_pixels(uploads, limits, "messages")
     return turns, system, texts

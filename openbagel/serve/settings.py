@@ -12,8 +12,10 @@ class Limits:
 
     Attributes:
         max_body_bytes: request body size (bytes; 413 beyond it).
-        max_image_pixels: width x height of an uploaded image, checked from the
-            file header before it is decoded (a guard against decompression bombs).
+        max_image_pixels: width x height summed over a request's images, checked
+            from the file headers before anything is decoded (a guard against
+            decompression bombs); pixels are decoded only once the request holds
+            an engine slot, so waiting requests hold only their compressed bytes.
         image_formats: Pillow format names accepted for uploads.
         max_images: images in one request (edit uploads, chat image parts).
         max_n: images per generation request (``n``).
