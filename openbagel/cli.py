@@ -878,6 +878,15 @@ def serve(
     with_ui: bool = typer.Option(
         False, "--ui", help="Also serve the web UI at /ui (its requests bypass the API queue)."
     ),
+    keep_alive_timeout: float = typer.Option(
+        5.0, "--keep-alive-timeout", help="Seconds an idle connection stays open after a response."
+    ),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", help="Seconds a connection has to send a request's headers; then it is closed."
+    ),
+    body_timeout: float = typer.Option(
+        60.0, "--body-timeout", help="Seconds a request has to send its body; then it is answered 408."
+    ),
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     quant: Optional[str] = QuantOpt,
@@ -892,7 +901,7 @@ def serve(
         import uvicorn
 
         from openbagel.pipeline import check_memory_options
-        from openbagel.serve import Limits, ServeSettings, create_app
+        from openbagel.serve import Limits, ServeSettings, create_app, uvicorn_options
 
         _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
         check_memory_options(device, quant, offload, parallel)
@@ -911,7 +920,8 @@ def serve(
                 model=model, model_name=model_name, dtype=dtype, device=device, quant=quant, offload=offload,
                 parallel=parallel,
                 api_key=api_key, max_queue=max_queue, max_concurrency=max_concurrency, log_prompts=log_prompts,
-                limits=limits, ui=with_ui,
+                limits=limits, ui=with_ui, keep_alive_timeout=keep_alive_timeout, header_timeout=header_timeout,
+                body_timeout=body_timeout,
             )  # fmt: skip
         except ValueError as e:  # messages start with the setting's name
             name, _, rest = str(e).partition(" ")
@@ -922,7 +932,10 @@ def serve(
         typer.echo(
             f"serving {settings.served_name} on http://{host}:{port} (API docs: /docs{ui_note}); loading the model..."
         )
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+        uvicorn.run(
+            create_app(settings), host=host, port=port, log_level="info", access_log=False,
+            **uvicorn_options(settings),
+        )  # fmt: skip
 
     _run(body)
 

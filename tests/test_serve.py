@@ -771,6 +771,8 @@ def test_ui_behind_an_api_key_asks_for_it(shapes_pipe):
         (["--max-queue", "-1"], "--max-queue must be a whole number >= 0"),
         (["--max-n", "0"], "--max-n must be a whole number >= 1"),
         (["--max-body-mb", "inf"], "--max-body-mb must be"),
+        (["--header-timeout", "0"], "--header-timeout must be a number of seconds above 0"),
+        (["--body-timeout", "nan"], "--body-timeout must be a number of seconds above 0"),
         (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an address"),
         (["--api-key", "clé"], "--api-key must be printable ASCII"),
         (["--model", "/nonexistent"], "/nonexistent"),
@@ -798,3 +800,73 @@ def test_serve_refuses_a_port_in_use():
         port = taken.getsockname()[1]
         r = CliRunner().invoke(app, ["serve", "--port", str(port)])
     assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output, r.output
+
+
+# ---------------------------------------------------------------------------
+# connections: idle, slow headers, slow bodies
+
+
+@pytest.fixture
+def live_app(shapes_pipe):
+    """The app behind a real uvicorn (in a thread) with short timeouts; yields its (host, port)."""
+    import socket as socket_module
+
+    import uvicorn
+
+    from openbagel.serve import uvicorn_options
+
+    settings = ServeSettings(keep_alive_timeout=0.3, header_timeout=0.3, body_timeout=0.3)
+    with socket_module.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings, pipe=shapes_pipe), host="127.0.0.1", port=port, log_level="warning",
+        **uvicorn_options(settings),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(10)
+
+
+def _closed_by_server(sock) -> bytes:
+    """What the server sends before it closes the connection (the socket's
+    10 s timeout only guards the test: the server's own timeouts are 0.3 s)."""
+    sock.settimeout(10)
+    got = b""
+    while chunk := sock.recv(4096):
+        got += chunk
+    return got
+
+
+def test_idle_and_slow_connections_are_closed(live_app):
+    import socket as socket_module
+
+    # connects and sends nothing
+    with socket_module.create_connection(live_app) as s:
+        assert _closed_by_server(s) == b""
+    # sends half its headers, then stalls (slowloris)
+    with socket_module.create_connection(live_app) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert _closed_by_server(s) == b""
+    # a whole request, then idle on the kept-alive connection
+    with socket_module.create_connection(live_app) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = _closed_by_server(s)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b'{"status":"ok"}')
+    # headers in, body sent slowly: 408
+    with socket_module.create_connection(live_app) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        s.sendall(b"Content-Length: 100\r\n\r\n{\"messages\"")
+        got = _closed_by_server(s)
+        assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got
+
+
+def test_timeouts_must_be_positive():
+    for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+        with pytest.raises(ValueError, match=name):
+            ServeSettings(**{name: 0})

@@ -270,8 +270,19 @@ class _Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             return b"", too_large
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.settings.body_timeout
         while True:
-            message = await receive()
+            try:  # a body sent slowly (or never) must not hold the connection
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return b"", _error(
+                    408,
+                    f"the request body did not arrive within {self.settings.body_timeout:g} s "
+                    "(openbagel serve --body-timeout); send it at once",
+                    "invalid_request_error",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
             if message["type"] == "http.disconnect":
                 return b"", Response(status_code=CLIENT_CLOSED)
             chunk = message.get("body", b"")

@@ -56,6 +56,11 @@ class ServeSettings:
         limits: :class:`Limits` of one request.
         ui: also mount the web UI (:mod:`openbagel.ui`) at ``/ui``; its
             requests use the same model but not the API's queue.
+        keep_alive_timeout: seconds an idle kept-alive connection stays open after a response.
+        header_timeout: seconds a connection has to send a request's line and
+            headers (from connecting, or from the next request's first byte); then it is closed.
+        body_timeout: seconds a request has to send its whole body once its
+            headers are in; then it is answered 408.
     """
 
     model: str | Path | None = None
@@ -71,8 +76,15 @@ class ServeSettings:
     log_prompts: bool = False
     limits: Limits = field(default_factory=Limits)
     ui: bool = False
+    keep_alive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
     def __post_init__(self):
+        for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
+                raise ValueError(f"{name} must be a number of seconds above 0 (and below a million), got {v!r}")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue must be a whole number >= 0, got {self.max_queue!r}")
         if (
