@@ -870,3 +870,17 @@ def test_timeouts_must_be_positive():
     for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
         with pytest.raises(ValueError, match=name):
             ServeSettings(**{name: 0})
+
+
+def test_docs_work_offline(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for url in assets:  # every script, style sheet and icon comes from this server, none from a CDN
+        assert url.startswith("/"), url
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 100, url
+    assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -360,7 +361,9 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         yield
         engine.close()
 
-    app = FastAPI(title="openbagel", summary="BAGEL behind an OpenAI-compatible API", lifespan=lifespan)
+    # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from
+    # the package, not from a CDN, so the documented route works offline
+    app = FastAPIOffline(title="openbagel", summary="BAGEL behind an OpenAI-compatible API", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
 
