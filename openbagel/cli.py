@@ -866,7 +866,9 @@ def serve(
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running in the engine at once."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(
-        4096 * 4096, "--max-image-pixels", help="Most pixels (width x height) over all images of a request, checked before decoding."
+        4096 * 4096,
+        "--max-image-pixels",
+        help="Most pixels (width x height) over a request's images, read before decoding.",
     ),
     max_n: int = typer.Option(4, "--max-n", help="Most images per request (n)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Most num_inference_steps per request."),
@@ -887,6 +889,12 @@ def serve(
     body_timeout: float = typer.Option(
         60.0, "--body-timeout", help="Seconds a request has to send its body; then it is answered 408."
     ),
+    threads: Optional[int] = typer.Option(
+        None,
+        "--threads",
+        help="PyTorch threads per engine slot (default: the available CPU cores / --max-concurrency).",
+        show_default=False,
+    ),
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     quant: Optional[str] = QuantOpt,
@@ -898,10 +906,8 @@ def serve(
     def body():
         import logging
 
-        import uvicorn
-
         from openbagel.pipeline import check_memory_options
-        from openbagel.serve import Limits, ServeSettings, create_app, uvicorn_options
+        from openbagel.serve import Limits, ServeSettings, run_server
 
         _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
         check_memory_options(device, quant, offload, parallel)
@@ -921,7 +927,7 @@ def serve(
                 parallel=parallel,
                 api_key=api_key, max_queue=max_queue, max_concurrency=max_concurrency, log_prompts=log_prompts,
                 limits=limits, ui=with_ui, keep_alive_timeout=keep_alive_timeout, header_timeout=header_timeout,
-                body_timeout=body_timeout,
+                body_timeout=body_timeout, threads=threads,
             )  # fmt: skip
         except ValueError as e:  # messages start with the setting's name
             name, _, rest = str(e).partition(" ")
@@ -932,10 +938,7 @@ def serve(
         typer.echo(
             f"serving {settings.served_name} on http://{host}:{port} (API docs: /docs{ui_note}); loading the model..."
         )
-        uvicorn.run(
-            create_app(settings), host=host, port=port, log_level="info", access_log=False,
-            **uvicorn_options(settings),
-        )  # fmt: skip
+        run_server(settings, host, port)
 
     _run(body)
 

@@ -884,3 +884,21 @@ def test_docs_work_offline(client):
         r = client.get(url)
         assert r.status_code == 200 and len(r.content) > 100, url
     assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
+
+
+def test_threads_per_slot_share_the_available_cores(monkeypatch, tmp_path):
+    from openbagel.serve import settings as settings_module
+
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(settings_module, "CGROUP_CPU_MAX", cpu_max)
+    assert settings_module.available_cores() == 8  # no cgroup file: the affinity
+    cpu_max.write_text("max 100000\n")
+    assert settings_module.available_cores() == 8
+    cpu_max.write_text("250000 100000\n")  # a quota of 2.5 cores
+    assert settings_module.available_cores() == 3
+    cpu_max.write_text("max 100000\n")
+    assert [ServeSettings(max_concurrency=n).threads_per_slot for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert ServeSettings(max_concurrency=4, threads=3).threads_per_slot == 3
+    with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+        ServeSettings(threads=0)

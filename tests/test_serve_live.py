@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -277,3 +278,31 @@ def test_a_burst_of_large_images_keeps_memory_bounded(server):
     assert set(at) <= {200, 429} and 1 <= at.count(200) <= 1 + MAX_QUEUE, at
     assert (peak[0] - before) / 1024 < max_growth_mb, (before, peak[0], after)
     assert (after - before) / 1024 < max_growth_mb / 2, (before, peak[0], after)  # and it is given back
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system's chromium (apt install chromium)")
+def test_docs_render_offline_in_a_browser(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    base = server[0]
+    outside: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:  # no internet: what a CDN would have served never arrives
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page()
+        page.route("**/*", only_this_server)
+        page.goto(f"{base}/docs")
+        page.locator(".opblock").first.wait_for(timeout=30_000)  # Swagger UI drew the routes
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        browser.close()
+    assert outside == []
+    assert {"/v1/chat/completions", "/v1/images/generations", "/v1/images/edits"} <= {p.strip() for p in paths}

@@ -1,5 +1,5 @@
-"""The HTTP connection layer under the app: uvicorn's settings, and a header
-timeout uvicorn lacks.
+"""Running the server: the process's thread pools, uvicorn's settings, and a
+header timeout uvicorn lacks.
 
 uvicorn closes a keep-alive connection that stays idle after a response, but
 it waits forever for the first request of a connection and for headers sent
@@ -12,6 +12,7 @@ header timeout. (The body's timeout is enforced by the app, which reads it.)
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import h11
@@ -64,3 +65,25 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
     ``settings``)."""
     protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.header_timeout})
     return {"timeout_keep_alive": settings.keep_alive_timeout, "http": protocol}
+
+
+def run_server(settings: ServeSettings, host: str, port: int) -> None:
+    """Serve ``settings`` on ``host:port`` until interrupted (what ``openbagel serve`` runs).
+
+    First sizes PyTorch's intra-op thread pool to
+    :attr:`~openbagel.serve.settings.ServeSettings.threads_per_slot`: each
+    engine slot runs its work in its own thread with a pool of that size, so
+    ``max_concurrency`` slots use about the available cores, not that many times them.
+    """
+    import torch
+    import uvicorn
+
+    from openbagel.serve.app import create_app
+
+    torch.set_num_threads(settings.threads_per_slot)
+    logging.getLogger("openbagel.serve").info(
+        "%d engine slot(s) x %d thread(s)", settings.max_concurrency, settings.threads_per_slot
+    )
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="info", access_log=False, **uvicorn_options(settings)
+    )

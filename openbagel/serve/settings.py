@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+#: cgroup v2's CPU quota of this process's group: "max PERIOD" or "QUOTA PERIOD" (microseconds).
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its CPU affinity (``taskset``, a
+    container's cpuset), capped by a cgroup v2 CPU quota (``cpu.max``) when one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,9 @@ class ServeSettings:
             headers (from connecting, or from the next request's first byte); then it is closed.
         body_timeout: seconds a request has to send its whole body once its
             headers are in; then it is answered 408.
+        threads: PyTorch intra-op threads of each engine slot; ``None``:
+            :func:`available_cores` divided among the ``max_concurrency`` slots
+            (at least 1), so that the slots' threads never outnumber the cores.
     """
 
     model: str | Path | None = None
@@ -79,8 +103,12 @@ class ServeSettings:
     keep_alive_timeout: float = 5.0
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    threads: int | None = None
 
     def __post_init__(self):
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"threads must be a whole number >= 1, got {t!r}")
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
@@ -101,6 +129,11 @@ class ServeSettings:
             raise ValueError(
                 "api_key must be printable ASCII without spaces (HTTP headers cannot carry other characters)"
             )
+
+    @property
+    def threads_per_slot(self) -> int:
+        """Intra-op threads of each engine slot: ``threads``, or the available cores over the slots."""
+        return self.threads or max(1, available_cores() // self.max_concurrency)
 
     @property
     def served_name(self) -> str:
