@@ -67,7 +67,8 @@ def _upright(img: Image.Image, path: Path | None) -> Image.Image:
         return ImageOps.exif_transpose(img)
     except Exception as e:  # any flaw of the metadata: the pixels are already loaded
         where = f"{path}: " if path else ""
-        log.warning("%smalformed EXIF block (%s: %s); using the image unrotated", where, type(e).__name__, e)
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        log.warning("%smalformed EXIF block (%s: %s); using the image unrotated", where, kind, e)
         return img
 
 

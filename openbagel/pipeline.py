@@ -28,7 +28,8 @@ from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.inference.session import Context, Session
 from openbagel.inference.static_decode import StaticDecoder
 from openbagel.inference.step_cache import StepCacheSettings
-from openbagel.inference.thinking import ReasoningSplitter, split_reasoning  # noqa: F401 (the server streams with the splitter)
+# one split of <think>...</think> for understand() and the server (which streams with the splitter)
+from openbagel.inference.thinking import ReasoningSplitter, split_reasoning  # noqa: F401
 from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE

@@ -124,15 +124,6 @@ def check_total_pixels(uploads: list[Upload], limits: Limits, param: str) -> Non
         )
 
 
-def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
-    """Uploaded image bytes -> an RGB PIL image: :func:`check_image`, then :meth:`Upload.decode`.
-
-    Raises:
-        RequestError: as :func:`check_image` and :meth:`Upload.decode`.
-    """
-    return check_image(data, limits, param).decode()
-
-
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S
 )
