@@ -28,8 +28,7 @@ from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.inference.session import Context, Session
 from openbagel.inference.static_decode import StaticDecoder
 from openbagel.inference.step_cache import StepCacheSettings
-# one split of <think>...</think> for understand() and the server (which streams with the splitter)
-from openbagel.inference.thinking import ReasoningSplitter, split_reasoning  # noqa: F401
+from openbagel.inference.thinking import ReasoningSplitter, split_reasoning  # noqa: F401 (the server streams)
 from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE

@@ -451,7 +451,8 @@ def test_malformed_exif_is_no_500(client):
     r = client.post("/v1/images/edits", files={"image": ("x.jpg", jpeg, "image/jpeg")}, data={"prompt": "x", **FAST})
     assert r.status_code == 200, r.text
     url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    msgs = [{"role": "user", "content": parts}]
     r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2})
     assert r.status_code == 200, r.text
 
@@ -861,7 +862,7 @@ def test_idle_and_slow_connections_are_closed(live_app):
     # headers in, body sent slowly: 408
     with socket_module.create_connection(live_app) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
-        s.sendall(b"Content-Length: 100\r\n\r\n{\"messages\"")
+        s.sendall(b'Content-Length: 100\r\n\r\n{"messages"')
         got = _closed_by_server(s)
         assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got
 
