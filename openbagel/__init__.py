@@ -6,6 +6,7 @@ Public API::
     pipe = BagelPipeline.from_pretrained("path/to/checkpoint", dtype="bfloat16", device="cuda")
 """
 
+import openbagel._threads  # noqa: F401 (first: sets OMP_WAIT_POLICY before torch loads)
 from openbagel.config import BagelConfig, config_from_checkpoint, preset
 from openbagel.errors import CheckpointError, InvalidInputError, NumericalError, OpenBagelError
 from openbagel.inference.sampling import ImageSampling, TextSampling

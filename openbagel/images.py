@@ -37,6 +37,8 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
             is_file = path.is_file()
         except OSError as e:  # e.g. a name too long for the file system
             raise InvalidInputError(f"bad image path {str(path)[:80]!r}...: {e.strerror}") from None
+        if path.is_dir():
+            raise InvalidInputError(f"{str(path)!r} is a folder, not an image file; give the path of an image file")
         if not is_file:
             raise InvalidInputError(f"image file not found: {str(path)!r}")
     else:
@@ -44,9 +46,7 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     try:
         with Image.open(opened) as img:
             img.load()
-            # Camera photos store their rotation in EXIF; the reference ignores
-            # it, we show the model the image the way it is displayed.
-            return to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(_upright(img, path))
     except Image.DecompressionBombError:
         where = f"{path}: " if path else ""
         raise InvalidInputError(
@@ -56,6 +56,20 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         if path is None:  # bytes: Pillow's message only names a BytesIO object
             raise InvalidInputError(f"not an image file Pillow can read ({e.__class__.__name__})") from None
         raise InvalidInputError(f"{path}: not an image file Pillow can read ({e.__class__.__name__}: {e})") from None
+
+
+def _upright(img: Image.Image, path: Path | None) -> Image.Image:
+    """The image as it is displayed: camera photos store their rotation in
+    EXIF (the reference ignores it). A malformed EXIF block (Pillow raises
+    while rewriting it, e.g. ``struct.error`` for a numeric tag stored as
+    text) is ignored with a warning: the image is used unrotated."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as e:  # any flaw of the metadata: the pixels are already loaded
+        where = f"{path}: " if path else ""
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        log.warning("%smalformed EXIF block (%s: %s); using the image unrotated", where, kind, e)
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

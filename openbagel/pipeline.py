@@ -12,7 +12,6 @@ guidance contexts) and runs the text decoder or the image sampler on it.
 from __future__ import annotations
 
 import numbers
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from openbagel.inference.sampling import ImageSampling, TextSampling
 from openbagel.inference.session import Context, Session
 from openbagel.inference.static_decode import StaticDecoder
 from openbagel.inference.step_cache import StepCacheSettings
+from openbagel.inference.thinking import ReasoningSplitter, split_reasoning  # noqa: F401 (the server streams)
 from openbagel.kv_cache import CacheBudget
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE
@@ -287,17 +287,6 @@ class TextResult:
     reasoning: str | None = None
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Split ``<think> ... </think> answer`` into ``(reasoning, answer)``.
-
-    Without a closing ``</think>`` the whole text is the answer and reasoning is None.
-    """
-    head, sep, tail = text.partition("</think>")
-    if not sep:
-        return None, text.strip()
-    return re.sub(r"^\s*<think>", "", head).strip(), tail.strip()
-
-
 @dataclass
 class ImageSettings:
     """Size, sampling settings and random source of one image generation."""
@@ -337,19 +326,27 @@ def check_size(config: BagelConfig, height: int, width: int) -> None:
             raise InvalidInputError(f"{name} {v} is not a multiple of {step}; the nearest valid {name} is {nearest}")
 
 
-def check_input_size(config: BagelConfig, width: int, height: int, what: str) -> None:
-    """Refuse an output size taken from an input (``what``: "the input image", "the frames")
-    that the model cannot draw, before any compute.
+def output_size_of_input(config: BagelConfig, width: int, height: int, what: str) -> tuple[int, int]:
+    """The output size an edit or a clip takes from its input, ``(width, height)`` in
+    pixels: the input's size after the VAE-path resize (``width`` x ``height``)
+    when the model draws it; the model's one size when it draws a single one
+    (the embedded 64x64 model given a 64x32 input draws 64x64).
 
     Raises:
-        InvalidInputError: naming the size, the model's sizes and the fix.
+        InvalidInputError: the model draws several sizes but not this one
+            (``what``: "the input image", "the frames"), before any compute;
+            the message names the model's sizes and the fix.
     """
     sizes = config.supported_sizes
-    if not sizes.allows(width, height):
-        raise InvalidInputError(
-            f"{what} is {width}x{height} at this model's resolution, a size it cannot draw "
-            f"(it draws {sizes.describe()}); give an output size it draws (height and width)"
-        )
+    if sizes.allows(width, height):
+        return width, height
+    if sizes.single:
+        return sizes.min_side, sizes.min_side
+    verb = "are" if what.endswith("s") else "is"
+    raise InvalidInputError(
+        f"{what} {verb} {width}x{height} at this model's resolution, a size it cannot draw "
+        f"(it draws {sizes.describe()}); give an output size it draws (height and width)"
+    )
 
 
 def image_settings(
@@ -693,7 +690,8 @@ class BagelPipeline:
         Raises:
             InvalidInputError: no image given, unreadable image, bad settings,
                 neither or both of ``prompt`` and ``style``, an unknown style,
-                an input whose size the model cannot draw (without ``height``/``width``).
+                an input whose size the model cannot draw (without ``height``/``width``;
+                a model that draws one size draws that one).
         """
         prompt = style_instruction(prompt, style)
         _check_flag("think", think)
@@ -710,11 +708,12 @@ class BagelPipeline:
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
         if not s.height:
-            check_input_size(self.config, *resize_size(*loaded[0].size, self.config.vae_transform), "the input image")
+            s.width, s.height = output_size_of_input(
+                self.config, *resize_size(*loaded[0].size, self.config.vae_transform), "the input image"
+            )
         chat = self.chat(THINK_GENERATE_PROMPT if think else None)
-        sizes = [chat.add_image(i) for i in loaded]
-        if not s.height:
-            s.width, s.height = sizes[0]
+        for image in loaded:
+            chat.add_image(image)
         chat.add_text(prompt)
         reasoning = chat._think(max_think_tokens) if think else None
         images = self._sample([chat.session] * n, s, _noises(self.model, s, seed, n), progress, on_step, step_cache)
@@ -778,7 +777,9 @@ class BagelPipeline:
             timestep_shift=timestep_shift, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
         )  # fmt: skip
         if not s.height:
-            check_input_size(self.config, *resize_size(*history[0].size, self.config.vae_transform), "the frames")
+            s.width, s.height = output_size_of_input(
+                self.config, *resize_size(*history[0].size, self.config.vae_transform), "the frames"
+            )
         steps = range(num_frames)
         if progress:
             from tqdm.auto import tqdm
@@ -788,10 +789,8 @@ class BagelPipeline:
         for _ in steps:
             chat = self.chat()  # rebuilt per frame: the context window may slide
             for frame in history[-context_frames:] if context_frames else history:
-                size = chat.add_image(frame)
+                chat.add_image(frame)
                 chat.add_text(instruction)
-            if not s.height:
-                s.width, s.height = size
             noise = draw_noise(self.model, s.height, s.width, s.generator)
             predicted.append(self._sample([chat.session], s, [noise], False, on_step, step_cache)[0])
             history.append(predicted[-1])

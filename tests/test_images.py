@@ -119,3 +119,35 @@ def test_image_bytes(tmp_path):
     assert load_image(buf.getvalue()).size == (20, 40)  # same rules as files, EXIF included
     with pytest.raises(InvalidInputError, match=r"^not an image file Pillow can read \(UnidentifiedImageError\)$"):
         load_image(b"garbage")
+
+
+def bad_exif_jpeg() -> bytes:
+    """A 693-byte JPEG whose EXIF has Orientation 6 and tag 259 (Compression,
+    a number) stored as text: Pillow's ``exif_transpose`` raises ``struct.error``."""
+    import io
+    import struct
+
+    text = b"x" * 11 + b"\0"
+    entries = struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 259, 2, len(text), 8 + 2 + 24 + 4)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + struct.pack("<I", 0) + text
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 4), (200, 0, 0)).save(buf, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    return buf.getvalue()
+
+
+def test_malformed_exif_is_ignored_with_a_warning(tmp_path, caplog):
+    data = bad_exif_jpeg()
+    assert len(data) == 693
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(data)
+    for source in (data, path):
+        caplog.clear()
+        img = load_image(source)
+        assert img.size == (8, 4) and img.mode == "RGB"  # unrotated (Orientation 6 would give 4x8)
+        assert abs(img.getpixel((4, 2))[0] - 200) <= 8  # the pixels, decoded (JPEG: within 8 levels)
+        assert "malformed EXIF" in caplog.text
+
+
+def test_a_folder_is_not_an_image(tmp_path):
+    with pytest.raises(InvalidInputError, match="is a folder, not an image file"):
+        load_image(tmp_path)

@@ -51,7 +51,7 @@ def _edit_session(pipe) -> Session:
     s.add_vae_image(torch.randn(16, 64, generator=g), torch.arange(16))
     s.add_vit_image(torch.randn(16, 3 * 14 * 14, generator=g), torch.arange(16))
     s.add_text([40, 41, 42, 43])
-    s.image_free  # built now, not by the first generation (one more pass), so the tests count generation alone
+    _ = s.image_free  # built now, not by the first generation (one more pass), so the tests count generation alone
     return s
 
 
@@ -290,8 +290,9 @@ def test_understanding_after_an_image_builds_no_guidance_context():
     """The issue's case on the embedded model: a 650-token question after an
     image under a 2,000,000-byte budget was refused (2.6 MiB asked for, the
     question's keys and values twice); it needs only the full context (1.4 MiB)."""
-    from openbagel import BagelPipeline
     from PIL import Image
+
+    from openbagel import BagelPipeline
 
     pipe = BagelPipeline.from_pretrained(max_cache_bytes=2_000_000)
     question = "what is " * 162

@@ -62,10 +62,17 @@ def test_supported_sizes_come_from_the_config(pipe):
     small = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, replace(pipe.config, image_sizes=ImageSizes(64, 64)))
     with pytest.raises(InvalidInputError, match="^width 128 is not supported: this model draws 64x64 only$"):
         small.text_to_image("x", width=128, height=64)
-    with pytest.raises(InvalidInputError, match="^the input image is 80x64 at this model's resolution, a size it "):
-        small.edit(Image.new("RGB", (64, 48)), "x")  # scaled up to the 64-px minimum side, then snapped
-    assert small.edit(Image.new("RGB", (64, 48)), "x", width=64, height=64, **FAST).image.size == (64, 64)
+    # an input read at 80x64 (scaled up to the 64-px minimum side, then snapped): a
+    # model that draws one size draws it; one that draws several refuses before compute
+    assert small.edit(Image.new("RGB", (64, 48)), "x", **FAST).image.size == (64, 64)
+    assert small.predict_frames([Image.new("RGB", (64, 48))] * 2, **FAST).image.size == (64, 64)
     ranged = replace(pipe.config, image_sizes=ImageSizes(32, 128, 32))
+    wide = BagelPipeline(pipe.model, pipe.vae, pipe.tokenizer, ranged)
+    with pytest.raises(InvalidInputError, match="^the input image is 80x64 at this model's resolution, a size it "):
+        wide.edit(Image.new("RGB", (64, 48)), "x")
+    with pytest.raises(InvalidInputError, match="^the frames are 80x64 at this model's resolution, a size it "):
+        wide.predict_frames([Image.new("RGB", (64, 48))], **FAST)
+    assert wide.edit(Image.new("RGB", (64, 48)), "x", width=64, height=64, **FAST).image.size == (64, 64)
     for (h, w), message in {
         (16, 64): "height 16 is too small; the smallest valid height is 32",
         (64, 160): "width 160 exceeds this model's limit of 128 pixels$",
@@ -337,12 +344,12 @@ def test_image_free_context_is_built_only_for_an_image(pipe):
     chats = [pipe.chat(), pipe.chat()]
     for eager, chat in zip((False, True), chats):
         for step in (
-            lambda: chat.add_image(Image.new("RGB", (64, 48), "blue")),
-            lambda: chat.add_text("what is it?"),
-            lambda: chat.reply(pipe.text_sampling(max_new_tokens=3)),
-            lambda: chat.add_text("now draw it"),
+            lambda c: c.add_image(Image.new("RGB", (64, 48), "blue")),
+            lambda c: c.add_text("what is it?"),
+            lambda c: c.reply(pipe.text_sampling(max_new_tokens=3)),
+            lambda c: c.add_text("now draw it"),
         ):
-            step()
+            step(chat)
             if eager:
                 _ = chat.session.image_free  # build it now, as every text used to
     lazy, eager = (c.session for c in chats)

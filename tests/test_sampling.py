@@ -113,5 +113,14 @@ def test_sample_token():
     assert sample_token(logits, tiny_p, torch.Generator().manual_seed(0)) == 1
     with pytest.raises(InvalidInputError, match="temperature"):
         TextSampling(do_sample=True, temperature=0)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-39])
+def test_tiny_temperatures_decode_greedily(temperature):
+    # below float32's smallest normal number the scaled logits were 0/0 = NaN
+    # and torch.multinomial raised; the limit of sampling as t -> 0 is greedy
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    p = TextSampling(do_sample=True, temperature=temperature)
+    assert [sample_token(logits, p, torch.Generator().manual_seed(s)) for s in range(5)] == [1] * 5
     with pytest.raises(InvalidInputError, match="top_p"):
         TextSampling(top_p=0)

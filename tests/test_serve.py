@@ -17,13 +17,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from openbagel import BagelPipeline
+from openbagel import BagelPipeline, Chat
+from openbagel.pipeline import ReasoningSplitter, split_reasoning
 from openbagel.serve import Limits, ServeSettings, create_app
 from openbagel.serve.engine import Cancelled, Engine, Job, QueueFull
-from openbagel.serve.inputs import ReasoningSplitter, split_thinking
 from openbagel.serve.metrics import Metrics
 from openbagel.shapes import world
 from tests.close import assert_images_close
+from tests.test_images import bad_exif_jpeg
 
 FAST = {"num_inference_steps": 4}
 
@@ -131,8 +132,8 @@ def test_generations_jpeg_and_think(client):
 
 
 def test_edits_size_follows_input_or_request(client, shapes_pipe):
-    """The embedded model draws 64x64 only: a 64-px input sets the size; a
-    48-px one needs the size given; a size it cannot draw is refused, never ignored."""
+    """The embedded model draws 64x64 only: a 64-px input sets the size, and so
+    does a 48-px one (its only size); a size it cannot draw is refused, never ignored."""
     src = scene_image(64)
     files = {"image": ("in.png", png_bytes(src), "image/png")}
     r = client.post(
@@ -144,7 +145,7 @@ def test_edits_size_follows_input_or_request(client, shapes_pipe):
     assert out.size == (64, 64) and out.tobytes() == ref.tobytes()  # one image: the same computation
     small = {"image": ("in.png", png_bytes(scene_image(48)), "image/png")}
     r = client.post("/v1/images/edits", files=small, data={"prompt": "make it blue", "num_inference_steps": "4"})
-    assert r.status_code == 400 and "the input image is 48x48" in r.text and "64x64 only" in r.text
+    assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
     r = client.post(
         "/v1/images/edits", files=small, data={"prompt": "make it blue", "size": "64x64", "num_inference_steps": "4"}
     )
@@ -232,12 +233,12 @@ def test_chat_reasoning_comes_back_apart(client):
     msgs = [{"role": "user", "content": "Draw a cool shape: which colour?"}]
     whole = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning": True, "max_tokens": 40}).json()
     message = whole["choices"][0]["message"]
-    assert "reasoning_content" in message and message["reasoning_content"]
+    assert "reasoning_content" in message
     chunks = _stream(client, {"messages": msgs, "reasoning": True, "max_tokens": 40})
     deltas = [c["choices"][0]["delta"] for c in chunks]
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas).strip()
     content = "".join(d.get("content", "") for d in deltas).strip()
-    assert (reasoning, content) == (message["reasoning_content"], message["content"])
+    assert (reasoning, content) == (message["reasoning_content"] or "", message["content"])
     off = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning_effort": "none", "max_tokens": 40})
     assert "reasoning_content" not in off.json()["choices"][0]["message"]
 
@@ -405,6 +406,42 @@ def test_malformed_bodies(client):
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
 
 
+def test_messages_name_the_problem_and_the_fix(client):
+    post = lambda body: client.post(  # noqa: E731
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    ).json()["error"]
+    err = post(b"")
+    assert "request body is empty" in err["message"] and err["param"] is None  # was "None is required"
+    err = post(b'{"messages": [,]}')
+    assert err["message"].startswith("the body is not valid JSON") and "at character 14" in err["message"]
+    assert err["param"] is None and err["code"] == "invalid_json"  # was param "[14]"
+    for value in (b"NaN", b"Infinity", b"-Infinity"):
+        err = post(b'{"messages": [{"role": "user", "content": "hi"}], "temperature": ' + value + b"}")
+        assert err["param"] == "temperature" and "must be a finite number" in err["message"]  # was "<= 2"
+
+
+def test_tiny_temperatures_are_greedy_over_http(client):
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(scene_image())}},
+                {"type": "text", "text": "What colour is the circle?"},
+            ],
+        }
+    ]
+    greedy = client.post("/v1/chat/completions", json={"messages": msgs, "temperature": 0})
+    assert greedy.status_code == 200
+    for t in (1e-300, 5e-324):
+        r = client.post("/v1/chat/completions", json={"messages": msgs, "temperature": t, "seed": 1})
+        assert r.status_code == 200, r.text  # was 500
+        assert r.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+        chunks = _stream(client, {"messages": msgs, "temperature": t, "seed": 1})
+        assert all("error" not in c for c in chunks)  # was 200, then an error event
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text.strip() == greedy.json()["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(
     "image,code",
     [
@@ -419,6 +456,52 @@ def test_bad_uploads(client, image, code):
     r = client.post("/v1/images/edits", files={"image": ("x.png", image, "image/png")}, data={"prompt": "x"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["param"] == "image"
+
+
+def test_malformed_exif_is_no_500(client):
+    jpeg = bad_exif_jpeg()  # Pillow's exif_transpose raises struct.error on it
+    r = client.post("/v1/images/edits", files={"image": ("x.jpg", jpeg, "image/jpeg")}, data={"prompt": "x", **FAST})
+    assert r.status_code == 200, r.text
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    msgs = [{"role": "user", "content": parts}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def _blank_png_url(side: int) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (side, side), "white"))).decode()
+
+
+def test_images_are_decoded_only_once_admitted(shapes_pipe, monkeypatch):
+    from openbagel.serve import inputs
+
+    decoded = []
+    real = inputs.load_image
+    monkeypatch.setattr(inputs, "load_image", lambda data: decoded.append(len(data)) or real(data))
+    c = _client(shapes_pipe, max_queue=0, limits=Limits(max_image_pixels=64 * 64))
+    engine = c.app.state.engine
+    try:
+        one = [{"type": "image_url", "image_url": {"url": _blank_png_url(64)}}, {"type": "text", "text": "?"}]
+        msgs = [{"role": "user", "content": one}]
+        engine.running += 1  # the only slot is busy and nothing may wait: the next request is refused
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1})
+        assert r.status_code == 429 and decoded == []  # refused before its image was decoded
+        files = {"image": ("a.png", png_bytes(scene_image()), "image/png")}
+        r = c.post("/v1/images/edits", files=files, data={"prompt": "x", **FAST})
+        assert r.status_code == 429 and decoded == []
+        engine.running -= 1
+        # the pixel limit holds for the sum over a request's images (two 64x64 images: 8192 pixels)
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": one + one}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large" and decoded == []
+        assert "8192 pixels in all" in r.json()["error"]["message"]
+        files = [("image[]", ("a.png", png_bytes(scene_image()), "image/png"))] * 2
+        r = c.post("/v1/images/edits", files=files, data={"prompt": "x", **FAST})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large" and decoded == []
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1})
+        assert r.status_code == 200 and len(decoded) == 1  # admitted: decoded once
+    finally:
+        c.__exit__(None, None, None)
 
 
 def test_mask_is_refused(client):
@@ -513,6 +596,11 @@ def test_not_ready_answers_503():
         assert c.get("/ready").status_code == 503
         r = c.post("/v1/images/generations", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready" and r.headers["retry-after"]
+        assert c.get("/ready").status_code == 503
+        text = c.get("/metrics").text
+        # readiness polls while loading are no errors (5xx alerts fired on every restart)
+        assert 'openbagel_requests_total{outcome="not_ready",route="/ready"} 2.0' in text
+        assert 'outcome="error",route="/ready"' not in text
         gate.set()
         app.state.engine.wait_loaded(10)
         assert c.get("/ready").json()["status"] == "failed"
@@ -628,14 +716,44 @@ def test_disconnect_while_running_stops_at_the_next_step():
     assert 5 < len(steps) < 100  # stopped long before the 500 steps
 
 
-def test_reasoning_splitter_holds_back_split_tags():
+THINKING = [  # decoded pieces -> (reasoning, answer)
+    (["<th", "ink> plan", " a</th", "ink> pi", "nk"], ("plan a", "pink")),
+    (["pink"], (None, "pink")),  # the model did not think: all answer (was all reasoning on the server)
+    (["<think> cut sh", "ort </th"], ("cut short </th", "")),  # never closed: all reasoning
+    ([" <t"], (None, "<t")),  # too short to open <think>: an answer
+    (["pink </think> x"], (None, "pink </think> x")),
+]
+
+
+@pytest.mark.parametrize("pieces,expect", THINKING)
+def test_reasoning_splitter_holds_back_split_tags(pieces, expect):
     s = ReasoningSplitter()
-    pieces = ["<th", "ink> plan", " a</th", "ink> ans", "wer"]
     out = [p for piece in pieces for p in s.feed(piece)] + s.flush()
-    assert "".join(t for k, t in out if k == "reasoning") == " plan a"
-    assert "".join(t for k, t in out if k == "content") == " answer"
-    assert split_thinking("<think>x</think> y") == ("x", "y")
-    assert split_thinking("never closed") == ("never closed", "")
+    reasoning, answer = expect
+    assert "".join(t for k, t in out if k == "reasoning").strip() == (reasoning or "")
+    assert "".join(t for k, t in out if k == "content").strip() == answer
+    assert split_reasoning("".join(pieces)) == expect
+
+
+@pytest.mark.parametrize("pieces,expect", THINKING)
+def test_thinking_splits_alike_in_python_and_on_the_server(client, shapes_pipe, monkeypatch, pieces, expect):
+    def reply_stream(self, params, generator=None, remember=True, on_token=None):
+        for piece in pieces:
+            if on_token is not None:
+                on_token(0)
+            yield piece
+
+    monkeypatch.setattr(Chat, "reply_stream", reply_stream)
+    reasoning, answer = expect
+    result = shapes_pipe.understand(None, "Which colour?", think=True)
+    assert (result.reasoning, result.text) == expect
+    msgs = [{"role": "user", "content": "Which colour?"}]
+    message = client.post("/v1/chat/completions", json={"messages": msgs, "reasoning": True}).json()
+    message = message["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == expect
+    deltas = [c["choices"][0]["delta"] for c in _stream(client, {"messages": msgs, "reasoning": True})]
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == (reasoning or "")
+    assert "".join(d.get("content", "") for d in deltas).strip() == answer
 
 
 def test_ui_mounts_at_slash_ui(shapes_pipe):
@@ -666,6 +784,8 @@ def test_ui_behind_an_api_key_asks_for_it(shapes_pipe):
         (["--max-queue", "-1"], "--max-queue must be a whole number >= 0"),
         (["--max-n", "0"], "--max-n must be a whole number >= 1"),
         (["--max-body-mb", "inf"], "--max-body-mb must be"),
+        (["--header-timeout", "0"], "--header-timeout must be a number of seconds above 0"),
+        (["--body-timeout", "nan"], "--body-timeout must be a number of seconds above 0"),
         (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an address"),
         (["--api-key", "clé"], "--api-key must be printable ASCII"),
         (["--model", "/nonexistent"], "/nonexistent"),
@@ -693,3 +813,105 @@ def test_serve_refuses_a_port_in_use():
         port = taken.getsockname()[1]
         r = CliRunner().invoke(app, ["serve", "--port", str(port)])
     assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output, r.output
+
+
+# ---------------------------------------------------------------------------
+# connections: idle, slow headers, slow bodies
+
+
+@pytest.fixture
+def live_app(shapes_pipe):
+    """The app behind a real uvicorn (in a thread) with short timeouts; yields its (host, port)."""
+    import socket as socket_module
+
+    import uvicorn
+
+    from openbagel.serve import uvicorn_options
+
+    settings = ServeSettings(keep_alive_timeout=0.3, header_timeout=0.3, body_timeout=0.3)
+    with socket_module.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings, pipe=shapes_pipe), host="127.0.0.1", port=port, log_level="warning",
+        **uvicorn_options(settings),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(10)
+
+
+def _closed_by_server(sock) -> bytes:
+    """What the server sends before it closes the connection (the socket's
+    10 s timeout only guards the test: the server's own timeouts are 0.3 s)."""
+    sock.settimeout(10)
+    got = b""
+    while chunk := sock.recv(4096):
+        got += chunk
+    return got
+
+
+def test_idle_and_slow_connections_are_closed(live_app):
+    import socket as socket_module
+
+    # connects and sends nothing
+    with socket_module.create_connection(live_app) as s:
+        assert _closed_by_server(s) == b""
+    # sends half its headers, then stalls (slowloris)
+    with socket_module.create_connection(live_app) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert _closed_by_server(s) == b""
+    # a whole request, then idle on the kept-alive connection
+    with socket_module.create_connection(live_app) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = _closed_by_server(s)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b'{"status":"ok"}')
+    # headers in, body sent slowly: 408
+    with socket_module.create_connection(live_app) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        s.sendall(b'Content-Length: 100\r\n\r\n{"messages"')
+        got = _closed_by_server(s)
+        assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got
+
+
+def test_timeouts_must_be_positive():
+    for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+        with pytest.raises(ValueError, match=name):
+            ServeSettings(**{name: 0})
+
+
+def test_docs_work_offline(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for url in assets:  # every script, style sheet and icon comes from this server, none from a CDN
+        assert url.startswith("/"), url
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 100, url
+    assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
+
+
+def test_threads_per_slot_share_the_available_cores(monkeypatch, tmp_path):
+    from openbagel.serve import settings as settings_module
+
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(settings_module, "CGROUP_CPU_MAX", cpu_max)
+    assert settings_module.available_cores() == 8  # no cgroup file: the affinity
+    cpu_max.write_text("max 100000\n")
+    assert settings_module.available_cores() == 8
+    cpu_max.write_text("250000 100000\n")  # a quota of 2.5 cores
+    assert settings_module.available_cores() == 3
+    cpu_max.write_text("max 100000\n")
+    assert [ServeSettings(max_concurrency=n).threads_per_slot for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert ServeSettings(max_concurrency=4, threads=3).threads_per_slot == 3
+    with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+        ServeSettings(threads=0)

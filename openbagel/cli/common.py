@@ -93,7 +93,7 @@ CfgImgOpt = typer.Option(
 SizeOpt = typer.Option(
     None,
     "--size",
-    help="Output size WxH in pixels, multiples of 16 (default: the model's, 1024x1024 for 7B-MoT; edit: the input's).",
+    help="Output size WxH in pixels, one the model draws (7B-MoT: multiples of 16 up to 1024; the embedded model: 64x64). Default: the model's; edit: the input's.",
 )
 ShiftOpt = typer.Option(None, "--shift", help="Timestep shift of the schedule (default: the model's; 3.0 for 7B-MoT).")
 IntervalOpt = typer.Option(

@@ -61,7 +61,9 @@ def serve(
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running in the engine at once."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(
-        4096 * 4096, "--max-image-pixels", help="Largest uploaded image (width x height), checked before decoding."
+        4096 * 4096,
+        "--max-image-pixels",
+        help="Most pixels (width x height) over a request's images, read before decoding.",
     ),
     max_n: int = typer.Option(4, "--max-n", help="Most images per request (n)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Most num_inference_steps per request."),
@@ -71,6 +73,21 @@ def serve(
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens of a chat completion."),
     log_prompts: bool = flag("--log-prompts", help="Write prompt texts into the request log lines."),
     with_ui: bool = flag("--ui", help="Also serve the web UI at /ui (its requests bypass the API queue)."),
+    keep_alive_timeout: float = typer.Option(
+        5.0, "--keep-alive-timeout", help="Seconds an idle connection stays open after a response."
+    ),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", help="Seconds a connection has to send a request's headers; then it is closed."
+    ),
+    body_timeout: float = typer.Option(
+        60.0, "--body-timeout", help="Seconds a request has to send its body; then it is answered 408."
+    ),
+    threads: Optional[int] = typer.Option(
+        None,
+        "--threads",
+        help="PyTorch threads per engine slot (default: the available CPU cores / --max-concurrency).",
+        show_default=False,
+    ),
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     quant: Optional[str] = QuantOpt,
@@ -82,10 +99,8 @@ def serve(
     def body():
         import logging
 
-        import uvicorn
-
         from openbagel.pipeline import check_memory_options
-        from openbagel.serve import Limits, ServeSettings, create_app
+        from openbagel.serve import Limits, ServeSettings, run_server
 
         _config(model, device, dtype)  # a bad folder, device or dtype fails here, before listening
         check_memory_options(device, quant, offload, parallel)
@@ -104,7 +119,8 @@ def serve(
                 model=model, model_name=model_name, dtype=dtype, device=device, quant=quant, offload=offload,
                 parallel=parallel,
                 api_key=api_key, max_queue=max_queue, max_concurrency=max_concurrency, log_prompts=log_prompts,
-                limits=limits, ui=with_ui,
+                limits=limits, ui=with_ui, keep_alive_timeout=keep_alive_timeout, header_timeout=header_timeout,
+                body_timeout=body_timeout, threads=threads,
             )  # fmt: skip
         except ValueError as e:  # messages start with the setting's name
             name, _, rest = str(e).partition(" ")
@@ -115,7 +131,7 @@ def serve(
         typer.echo(
             f"serving {settings.served_name} on http://{host}:{port} (API docs: /docs{ui_note}); loading the model..."
         )
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+        run_server(settings, host, port)
 
     _run(body)
 

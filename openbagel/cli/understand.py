@@ -122,7 +122,9 @@ def chat(
     guidance_scale: Optional[float] = CfgTextOpt,
     image_guidance_scale: Optional[float] = CfgImgOpt,
     size: Optional[str] = typer.Option(
-        None, "--size", help="Size WxH of generated images, multiples of 16 (default: the model's)."
+        None,
+        "--size",
+        help="Size WxH of generated images, one the model draws (7B-MoT: multiples of 16 up to 1024; the embedded model: 64x64). Default: the model's.",
     ),
     adapter: Optional[Path] = AdapterOpt,
     device: str = DeviceOpt,

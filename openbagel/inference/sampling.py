@@ -59,9 +59,19 @@ class TextSampling:
 # --- text --------------------------------------------------------------------------
 
 
+#: Temperatures below this (float32's smallest normal number) decode greedily,
+#: the limit of sampling as the temperature goes to 0: below it the scaled
+#: logits would be computed as ``0 / 0`` (NaN) for the best token.
+GREEDY_BELOW_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def sample_token(logits: Tensor, params: TextSampling, generator: torch.Generator | None = None) -> int:
-    """Next token from ``[vocab]`` logits: argmax, or temperature + top-p (nucleus) sampling."""
-    if not params.do_sample:
+    """Next token from ``[vocab]`` logits: argmax, or temperature + top-p (nucleus) sampling.
+
+    A temperature below :data:`GREEDY_BELOW_TEMPERATURE` (about 1.2e-38) is
+    greedy, so every accepted temperature gives a well-defined draw.
+    """
+    if not params.do_sample or params.temperature < GREEDY_BELOW_TEMPERATURE:
         return int(logits.argmax())
     logits = logits.float()
     # subtracting the max first keeps tiny temperatures finite (the best token gets exp(0))

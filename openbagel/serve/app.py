@@ -24,22 +24,16 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openbagel.errors import InvalidInputError, NumericalError
-from openbagel.pipeline import ImageResult, check_text
+from openbagel.pipeline import ImageResult, ReasoningSplitter, check_text, split_reasoning
 from openbagel.serve.engine import Cancelled, Engine, Job, NotReady, QueueFull
-from openbagel.serve.inputs import (
-    ReasoningSplitter,
-    RequestError,
-    decode_data_url,
-    decode_image,
-    parse_size,
-    split_thinking,
-)
+from openbagel.serve.inputs import RequestError, Upload, check_data_url, check_image, check_total_pixels, parse_size
 from openbagel.serve.metrics import Metrics
 from openbagel.serve.settings import ServeSettings
 
@@ -55,8 +49,9 @@ CLIENT_CLOSED = 499
 
 class _Body(BaseModel):
     # unknown fields are refused (a misspelt setting must not be silently
-    # dropped), and types are strict: no "2" or true for a number
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # dropped), types are strict (no "2" or true for a number), and NaN or
+    # Infinity (which Python's JSON reader accepts) is no number
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _ImageKnobs(_Body):
@@ -172,7 +167,21 @@ def _validation_error(errors: list[dict]) -> RequestError:
         param += f"[{p}]" if isinstance(p, int) else (f".{p}" if param else str(p))
     param = param or None
     msg = e.get("msg", "invalid value")
-    if e.get("type") == "extra_forbidden":
+    if e.get("type") == "json_invalid":  # the location holds the character offset, not a field
+        offset = next((p for p in e.get("loc", ()) if isinstance(p, int)), None)
+        at = f" at character {offset}" if offset is not None else ""
+        return RequestError(
+            f"the body is not valid JSON ({msg}{at}); send a JSON object (Content-Type: application/json)",
+            code="invalid_json",
+        )
+    if param is None and e.get("type") == "missing":  # the whole body
+        return RequestError(
+            "the request body is empty; send a JSON object with the request's fields (Content-Type: application/json)",
+            code="invalid_value",
+        )
+    if e.get("type") == "finite_number":
+        msg = f"{param} must be a finite number (NaN and Infinity are not accepted)"
+    elif e.get("type") == "extra_forbidden":
         msg = f"unknown field {param!r}; see the API docs (/docs) for the accepted fields"
     elif e.get("type") == "missing":
         msg = f"{param} is required"
@@ -262,8 +271,19 @@ class _Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             return b"", too_large
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.settings.body_timeout
         while True:
-            message = await receive()
+            try:  # a body sent slowly (or never) must not hold the connection
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return b"", _error(
+                    408,
+                    f"the request body did not arrive within {self.settings.body_timeout:g} s "
+                    "(openbagel serve --body-timeout); send it at once",
+                    "invalid_request_error",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
             if message["type"] == "http.disconnect":
                 return b"", Response(status_code=CLIENT_CLOSED)
             chunk = message.get("body", b"")
@@ -280,6 +300,7 @@ class _Guard:
             code = CLIENT_CLOSED
         outcome = (
             "ok" if code < 400 else "rejected" if code == 429 else "cancelled" if code == CLIENT_CLOSED
+            else "not_ready" if route == "/ready" and code == 503  # a readiness poll while loading: no error
             else "client_error" if code < 500 else "error"
         )  # fmt: skip
         self.metrics.requests.labels(route, outcome).inc()
@@ -340,7 +361,9 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         yield
         engine.close()
 
-    app = FastAPI(title="openbagel", summary="BAGEL behind an OpenAI-compatible API", lifespan=lifespan)
+    # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from
+    # the package, not from a CDN, so the documented route works offline
+    app = FastAPIOffline(title="openbagel", summary="BAGEL behind an OpenAI-compatible API", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
 
@@ -576,10 +599,11 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
                 raise RequestError("image must be a file upload, not a text field", param="image", code="invalid_value")
         kw = image_kwargs(p, body, p.config.edit)  # settings checked before any image is decoded
         datas = [await f.read() for f in files]
-        images = [
-            await run_in_threadpool(decode_image, d, limits, "image" if len(datas) == 1 else f"image[{i}]")
+        uploads = [
+            await run_in_threadpool(check_image, d, limits, "image" if len(datas) == 1 else f"image[{i}]")
             for i, d in enumerate(datas)
-        ]
+        ]  # headers only: pixels are decoded once the request holds an engine slot
+        check_total_pixels(uploads, limits, "image")
         from openbagel.pipeline import style_instruction
 
         try:
@@ -594,6 +618,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         engine.admit()
 
         def work(job: Job):
+            images = [u.decode() for u in uploads]
             if body.think:  # each image plans on its own
                 out = [
                     p.edit(images[0], instruction, images=images[1:], seed=s, think=True, on_step=job.on_step, **kw)
@@ -645,8 +670,8 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
                 for item in items:
                     if isinstance(item, str):
                         chat.add_text(item)
-                    else:
-                        chat.add_image(item, vae=False)
+                    else:  # decoded here, holding an engine slot: a queued request holds only its bytes
+                        chat.add_image(item.decode(), vae=False)
             prompt_tokens = chat.session.full.cache.length
             pieces = chat.reply_stream(params, make_generator(body.seed), remember=False, on_token=job.on_token)
             return prompt_tokens, pieces
@@ -671,7 +696,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
             prompt_tokens, text = await engine.run(work, job, request.is_disconnected)
             message: dict[str, Any] = {"role": "assistant"}
             if think:
-                reasoning, answer = split_thinking(text)
+                reasoning, answer = split_reasoning(text)  # as understand(think=True) splits it
                 message.update(content=answer, reasoning_content=reasoning)
             else:
                 message["content"] = text.strip()
@@ -784,17 +809,20 @@ def _param_of(message: str) -> str | None:
 
 
 async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, list]], list[str], list[str]]:
-    """Chat messages -> ``(turns, system texts, all texts)``; turns are ``(role, [text | image])``.
+    """Chat messages -> ``(turns, system texts, all texts)``; turns are ``(role, [text | Upload])``,
+    images checked from their headers but not decoded.
 
     Raises:
         RequestError: system messages after the conversation started, an empty
             conversation, a last message that is not the user's, images in
-            assistant or system messages, too many images, bad image URLs.
+            assistant or system messages, too many images, bad image URLs, more
+            than ``limits.max_image_pixels`` pixels over all images.
     """
     turns: list[tuple[str, list]] = []
     system: list[str] = []
     texts: list[str] = []
     n_images = 0
+    uploads: list[Upload] = []
     for i, m in enumerate(body.messages):
         if m.content is None or m.content == [] or (m.role == "user" and m.content == ""):
             raise RequestError(f"messages[{i}].content is empty", param=f"messages[{i}].content", code="invalid_value")
@@ -822,7 +850,9 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
                     raise RequestError(
                         f"at most {limits.max_images} images per request", param=where, code="invalid_value"
                     )
-                items.append(await run_in_threadpool(decode_data_url, part.image_url.url, limits, f"{where}.image_url"))
+                upload = await run_in_threadpool(check_data_url, part.image_url.url, limits, f"{where}.image_url")
+                uploads.append(upload)
+                items.append(upload)
         texts += [t for t in items if isinstance(t, str)]
         if m.role in ("system", "developer"):
             if turns:
@@ -836,4 +866,5 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
             turns.append((m.role, items))
     if not turns or turns[-1][0] != "user":
         raise RequestError("the last message must be the user's", param="messages", code="invalid_value")
+    check_total_pixels(uploads, limits, "messages")
     return turns, system, texts

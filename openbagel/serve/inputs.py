@@ -1,6 +1,5 @@
 """Request inputs the server checks itself: uploaded images (size and format
-from the header, before decoding), data URLs, ``"WxH"`` sizes, and the
-split of a streamed thinking answer into reasoning and content."""
+from the header, before decoding), data URLs and ``"WxH"`` sizes."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ import base64
 import binascii
 import io
 import re
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
@@ -33,8 +33,42 @@ class RequestError(Exception):
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
 
 
-def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
-    """Uploaded image bytes -> an RGB PIL image, refusing oversized or unsupported files before decoding.
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image whose header was checked; its pixels are decoded only
+    by :meth:`decode`, once the request holds an engine slot.
+
+    Attributes:
+        data: the file's bytes.
+        param: the request field it came in (for error messages).
+        width, height: from the header, in pixels.
+    """
+
+    data: bytes
+    param: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decode(self) -> Image.Image:
+        """The RGB PIL image (EXIF rotation applied, :func:`~openbagel.images.load_image`).
+
+        Raises:
+            RequestError: the pixel data is broken although the header was fine.
+        """
+        from openbagel.errors import InvalidInputError
+
+        try:
+            return load_image(self.data)
+        except InvalidInputError as e:
+            raise RequestError(f"{self.param}: {e}", param=self.param, code="invalid_image") from None
+
+
+def check_image(data: bytes, limits: Limits, param: str) -> Upload:
+    """Uploaded image bytes -> an :class:`Upload`, from the file header only (no pixel is decoded).
 
     Raises:
         RequestError: empty data, not an image, a format outside ``limits.image_formats``,
@@ -70,12 +104,24 @@ def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
             param=param,
             code="image_too_large",
         )
-    from openbagel.errors import InvalidInputError
+    return Upload(data, param, w, h)
 
-    try:
-        return load_image(data)
-    except InvalidInputError as e:
-        raise RequestError(f"{param}: {e}", param=param, code="invalid_image") from None
+
+def check_total_pixels(uploads: list[Upload], limits: Limits, param: str) -> None:
+    """The images of one request hold at most ``limits.max_image_pixels`` pixels in all.
+
+    Raises:
+        RequestError: over the limit (``param`` names the field that holds the images).
+    """
+    total = sum(u.pixels for u in uploads)
+    if total > limits.max_image_pixels:
+        sizes = ", ".join(f"{u.width}x{u.height}" for u in uploads)
+        raise RequestError(
+            f"the request's images ({sizes}) have {total} pixels in all, more than the server's limit of "
+            f"{limits.max_image_pixels} pixels per request; send smaller or fewer images",
+            param=param,
+            code="image_too_large",
+        )
 
 
 _DATA_URL = re.compile(
@@ -83,13 +129,13 @@ _DATA_URL = re.compile(
 )
 
 
-def decode_data_url(url: str, limits: Limits, param: str) -> Image.Image:
-    """A ``data:image/...;base64,...`` URL -> an RGB PIL image.
+def check_data_url(url: str, limits: Limits, param: str) -> Upload:
+    """A ``data:image/...;base64,...`` URL -> an :class:`Upload` (header checked, pixels not decoded).
 
     Raises:
         RequestError: another URL scheme (the server never fetches from the
             network), a data URL that is not base64 or not an image, or an image
-            over the limits of :func:`decode_image`.
+            over the limits of :func:`check_image`.
     """
     if not isinstance(url, str) or not url.startswith("data:"):
         scheme = url.split(":", 1)[0] if isinstance(url, str) and ":" in url else "no scheme"
@@ -112,7 +158,7 @@ def decode_data_url(url: str, limits: Limits, param: str) -> Image.Image:
         raise RequestError(
             f"{param}: the data URL's base64 payload is malformed", param=param, code="invalid_image_url"
         ) from None
-    return decode_image(data, limits, param)
+    return check_image(data, limits, param)
 
 
 def parse_size(size: str, param: str = "size") -> tuple[int, int]:
@@ -129,64 +175,3 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
             code="invalid_value",
         )
     return int(m.group(1)), int(m.group(2))
-
-
-class ReasoningSplitter:
-    """Splits a streamed thinking answer, ``<think> reasoning </think> answer``,
-    into ``("reasoning", text)`` and ``("content", text)`` pieces as they
-    arrive, holding back only text that could be the start of a tag. Everything
-    before ``</think>`` is reasoning (a leading ``<think>`` is dropped), so a
-    model that never closes its reasoning gives no content."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self.state = "start"  # start -> reasoning -> content
-        self.buffer = ""
-
-    def feed(self, piece: str) -> list[tuple[str, str]]:
-        self.buffer += piece
-        out: list[tuple[str, str]] = []
-        if self.state == "start":
-            stripped = self.buffer.lstrip()
-            if self.OPEN.startswith(stripped):  # may still become "<think>"
-                return out
-            if stripped.startswith(self.OPEN):
-                stripped = stripped[len(self.OPEN) :]
-            self.buffer, self.state = stripped, "reasoning"
-        if self.state == "reasoning":
-            head, sep, tail = self.buffer.partition(self.CLOSE)
-            if sep:
-                out.append(("reasoning", head))
-                self.state, self.buffer = "content", tail
-            else:
-                keep = _partial_suffix(self.buffer, self.CLOSE)
-                out.append(("reasoning", self.buffer[: len(self.buffer) - keep]))
-                self.buffer = self.buffer[len(self.buffer) - keep :]
-        if self.state == "content":
-            out.append(("content", self.buffer))
-            self.buffer = ""
-        return [(k, t) for k, t in out if t]
-
-    def flush(self) -> list[tuple[str, str]]:
-        """What is held back at the end (reasoning, as no ``</think>`` came)."""
-        text, self.buffer = self.buffer, ""
-        return [("content" if self.state == "content" else "reasoning", text)] if text else []
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """A whole thinking answer -> ``(reasoning, content)``, stripped, exactly as
-    :class:`ReasoningSplitter` splits it piece by piece."""
-    parts = {"reasoning": "", "content": ""}
-    splitter = ReasoningSplitter()
-    for kind, piece in splitter.feed(text) + splitter.flush():
-        parts[kind] += piece
-    return parts["reasoning"].strip(), parts["content"].strip()
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0

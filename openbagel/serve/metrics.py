@@ -19,7 +19,7 @@ class Metrics:
         self.in_flight = Gauge("openbagel_requests_in_flight", "Requests running in the engine", registry=r)
         self.requests = Counter(
             "openbagel_requests",
-            "Requests by route and outcome (ok, client_error, rejected, cancelled, error)",
+            "Requests by route and outcome (ok, client_error, rejected, cancelled, not_ready, error)",
             ["route", "outcome"],
             registry=r,
         )

@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+#: cgroup v2's CPU quota of this process's group: "max PERIOD" or "QUOTA PERIOD" (microseconds).
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its CPU affinity (``taskset``, a
+    container's cpuset), capped by a cgroup v2 CPU quota (``cpu.max``) when one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 @dataclass(frozen=True)
@@ -12,8 +33,10 @@ class Limits:
 
     Attributes:
         max_body_bytes: request body size (bytes; 413 beyond it).
-        max_image_pixels: width x height of an uploaded image, checked from the
-            file header before it is decoded (a guard against decompression bombs).
+        max_image_pixels: width x height summed over a request's images, checked
+            from the file headers before anything is decoded (a guard against
+            decompression bombs); pixels are decoded only once the request holds
+            an engine slot, so waiting requests hold only their compressed bytes.
         image_formats: Pillow format names accepted for uploads.
         max_images: images in one request (edit uploads, chat image parts).
         max_n: images per generation request (``n``).
@@ -54,6 +77,14 @@ class ServeSettings:
         limits: :class:`Limits` of one request.
         ui: also mount the web UI (:mod:`openbagel.ui`) at ``/ui``; its
             requests use the same model but not the API's queue.
+        keep_alive_timeout: seconds an idle kept-alive connection stays open after a response.
+        header_timeout: seconds a connection has to send a request's line and
+            headers (from connecting, or from the next request's first byte); then it is closed.
+        body_timeout: seconds a request has to send its whole body once its
+            headers are in; then it is answered 408.
+        threads: PyTorch intra-op threads of each engine slot; ``None``:
+            :func:`available_cores` divided among the ``max_concurrency`` slots
+            (at least 1), so that the slots' threads never outnumber the cores.
     """
 
     model: str | Path | None = None
@@ -69,8 +100,19 @@ class ServeSettings:
     log_prompts: bool = False
     limits: Limits = field(default_factory=Limits)
     ui: bool = False
+    keep_alive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    threads: int | None = None
 
     def __post_init__(self):
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"threads must be a whole number >= 1, got {t!r}")
+        for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
+                raise ValueError(f"{name} must be a number of seconds above 0 (and below a million), got {v!r}")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue must be a whole number >= 0, got {self.max_queue!r}")
         if (
@@ -87,6 +129,11 @@ class ServeSettings:
             raise ValueError(
                 "api_key must be printable ASCII without spaces (HTTP headers cannot carry other characters)"
             )
+
+    @property
+    def threads_per_slot(self) -> int:
+        """Intra-op threads of each engine slot: ``threads``, or the available cores over the slots."""
+        return self.threads or max(1, available_cores() // self.max_concurrency)
 
     @property
     def served_name(self) -> str:
