@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from openbagel.config import BagelConfig, config_from_checkpoint
+from openbagel.config import OPENBAGEL_EXTRA, BagelConfig, config_from_checkpoint
 from openbagel.errors import CheckpointError
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE, flux_ae_shapes, to_diffusers_state_dict
@@ -243,6 +243,22 @@ def vit_config_json(config: BagelConfig) -> dict:
         "layer_norm_eps": c.layer_norm_eps,
         "num_channels": 3,
     }
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that an interrupted :func:`save_checkpoint`
+    left in ``folder`` (``.NAME.*`` beside each file it writes; see
+    :func:`openbagel.fileio.write_atomically`); returns them. Nothing else is
+    touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    written = (MODEL_FILE, VAE_FILE, "llm_config.json", "vit_config.json", OPENBAGEL_EXTRA, *TOKENIZER_FILES)
+    prefixes = tuple(f".{name}." for name in written)
+    removed = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(prefixes)]
+    for p in removed:
+        p.unlink()
+    return removed
 
 
 def save_checkpoint(

@@ -436,3 +436,96 @@ def test_shipped_recipes_parse(name):
     (source,) = _data_sources(cfg, path.parent)
     assert source.kind == "shapes"
     assert source.world.unspecified == ("default" if name == "shapes-defaults.yaml" else "random")
+
+
+# A run killed by SIGKILL in the middle of a real write: the child process
+# patches the writer so that it kills itself after the first item of the N-th
+# state file (torch.distributed.checkpoint, one data file per save on one
+# process), or as the N-th checkpoint file of an export starts.
+_KILLED_RUN = """
+import os, signal, sys
+import safetensors.torch
+import torch.distributed.checkpoint.filesystem as fs
+from openbagel.train.run import train
+
+config, output, where, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+real_write_item, real_save_file = fs._write_item, safetensors.torch.save_file
+streams, exports = [], []
+
+def write_item(transforms, stream, *args, **kwargs):
+    result = real_write_item(transforms, stream, *args, **kwargs)
+    if stream not in streams:
+        streams.append(stream)
+    if where == "save" and len(streams) == n:
+        stream.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+def save_file(tensors, filename, *args, **kwargs):
+    exports.append(filename)
+    if where == "export" and len(exports) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(tensors, filename, *args, **kwargs)
+
+fs._write_item, safetensors.torch.save_file = write_item, save_file
+train(config, output, progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_dir):
+    """4 steps, saving the state and exporting every 2 steps, never interrupted."""
+    from openbagel.train.run import train
+
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = _config(tmp, tiny_dir, optim={"max_steps": 4, "lr": 1e-3, "warmup_steps": 2}, save_every=2, export_every=2)
+    train(cfg, tmp / "run", progress=False, echo=lambda s: None)
+    return cfg, tmp / "run"
+
+
+@pytest.mark.parametrize(
+    "where,n,resumed_at",
+    [
+        ("save", 2, 2),  # killed while saving step 4's state: step 2's save is used
+        ("save", 1, 0),  # killed during the first save: --resume starts at step 0
+        ("export", 1, 0),  # killed as step 2's export began (a 0-byte temporary file)
+    ],
+)
+def test_resume_after_a_kill_during_a_write(tmp_path, straight_run, where, n, resumed_at):
+    """kill -9 in the middle of a state save or an export, then --resume: the
+    leftovers are removed and the run ends bitwise equal to one never
+    interrupted (weights, exports, log)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from openbagel.train.run import train
+
+    cfg, straight = straight_run
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same arithmetic as this process
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, str(cfg), str(out), where, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(out)])  # a fresh start names the way out
+    assert r.exit_code == 2 and "continue it with --resume" in r.output
+    messages = []
+    result = train(cfg, out, resume=True, progress=False, echo=messages.append)
+    assert any(f"step {resumed_at}" in m for m in messages), messages
+    assert any(m.startswith("removed ") for m in messages), messages
+    assert result.steps == 4
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["latest", "step-000004"]
+    for name in ("checkpoint", "exports/step-000002", "exports/step-000004"):
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(p.name for p in (straight / name).iterdir())
+        a, b = load_file(straight / name / "ema.safetensors"), load_file(out / name / "ema.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -64,7 +65,9 @@ from openbagel.train.trainer import (
     apply_activation_checkpointing,
     freeze,
     init_weights,
+    last_state,
     load_state,
+    remove_incomplete_states,
     save_state,
 )
 
@@ -436,6 +439,8 @@ def train(
     export_every = _int(cfg, "export_every", 0, "config", minimum=0)
     if export_every and lora_cfg is not None:
         raise ConfigError("export_every does not apply to LoRA runs (the adapter is saved at the end); remove it")
+    output = Path(output)
+    _check_output(output, resume)  # before the weights load
     world, rank, own_group = _init_distributed(compute.device)
     model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
     config = model.config  # before any LoRA wrapper
@@ -477,22 +482,22 @@ def train(
     if rank != 0:
         echo, progress = (lambda s: None), False
 
-    output = Path(output)
     consumed = 0
     if resume:
-        try:
-            consumed = int(load_state(trainer, output / "state", {"packs": 0})["packs"])
-        except FileNotFoundError:
-            raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first") from None
-        except ValueError as e:
-            raise ConfigError(f"--resume: {e}") from None
-        for _ in range(consumed):  # replay the data stream to where it stopped
-            next(packs)
-        _truncate_log(output / "log.jsonl", trainer.step_count)
-        echo(f"resumed at step {trainer.step_count}")
-    elif rank == 0 and ((output / "log.jsonl").exists() or (output / "state").exists()):
-        raise ConfigError(f"{output} already holds a run; continue it with --resume, or choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+        if last_state(output / "state") is None:
+            echo(f"no complete saved state in {output / 'state'} (stopped before its first save): starting at step 0")
+        else:
+            try:
+                consumed = int(load_state(trainer, output / "state", {"packs": 0})["packs"])
+            except ValueError as e:
+                raise ConfigError(f"--resume: {e}") from None
+            for _ in range(consumed):  # replay the data stream to where it stopped
+                next(packs)
+            echo(f"resumed at step {trainer.step_count}")
+        if rank == 0:
+            for path in _remove_leftovers(output, trainer.step_count):
+                echo(f"removed {path} (left by the interrupted run)")
+            _truncate_log(output / "log.jsonl", trainer.step_count)
 
     def export(folder: Path) -> None:
         weights = _export_weights(model, trainer, compute.parallel == "fsdp")  # every rank takes part
@@ -521,10 +526,6 @@ def train(
             consumed += accumulation * world
             tokens += stats.num_tokens
             interval.add(stats)
-            if save_every and stats.step % save_every == 0:
-                save_state(trainer, output / "state", {"packs": consumed})
-            if export_every and stats.step % export_every == 0:
-                export(output / "exports" / f"step-{stats.step:06d}")
             if stats.step % log_every == 0 or stats.step == optim.max_steps:
                 elapsed = time.perf_counter() - t0
                 last = {
@@ -544,6 +545,12 @@ def train(
                 )
                 tokens, t0 = 0, time.perf_counter()
                 interval = _Interval()
+            # the state last: a kill before it is complete resumes from the previous
+            # save, which redoes this step's log record and export identically
+            if export_every and stats.step % export_every == 0:
+                export(output / "exports" / f"step-{stats.step:06d}")
+            if save_every and stats.step % save_every == 0:
+                save_state(trainer, output / "state", {"packs": consumed})
     finally:
         if log_file is not None:
             log_file.close()
@@ -591,10 +598,79 @@ class _Interval:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after ``step`` (logged after the last saved state)."""
+    """Drop log records after ``step`` (logged after the last saved state), and
+    a last line cut short by a kill; the log is replaced atomically."""
+    from openbagel.fileio import write_atomically
+
+    def record_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            return math.inf  # a partial line: dropped
+
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in path.read_text().splitlines() if line and record_step(line) <= step]
+        write_atomically(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    """Check the run folder before any weights load: a fresh run needs a folder
+    that holds no run (created here), ``--resume`` one that does.
+
+    Raises:
+        ConfigError: the path is a file, under a file, not writable or not a
+            valid name; a fresh run into a run folder; ``--resume`` of a folder
+            that holds no run.
+    """
+    import os
+
+    try:
+        is_file = output.exists() and not output.is_dir()
+        holds_run = (output / "log.jsonl").exists() or (output / "state").exists()
+    except OSError as e:  # a name too long
+        raise ConfigError(f"bad --output {str(output)[:80]!r}: {e.strerror}; choose a shorter path") from None
+    if is_file:
+        raise ConfigError(f"--output {output} is a file; give a folder for the run (it is created if missing)")
+    if resume:
+        if not holds_run:
+            raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first")
+        return
+    if holds_run and int(os.environ.get("RANK", "0")) == 0:
+        raise ConfigError(
+            f"{output} already holds a run; continue it with --resume (a run stopped before its first save "
+            "starts again at step 0), or choose another --output"
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {str(output)[:200]!r}: {e.strerror}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ConfigError(f"the run folder {output} is not writable; choose another --output")
+
+
+def _remove_leftovers(output: Path, step: int) -> list[Path]:
+    """Delete what a killed run left in its folder, before resuming it at
+    ``step``: interrupted state saves, exports of later steps (the resumed run
+    writes them again, identical), temporary files of interrupted checkpoint
+    writes. Returns the removed paths; nothing else is touched."""
+    import re
+    import shutil
+
+    from openbagel.checkpoint import remove_temporary_files
+
+    removed = remove_incomplete_states(output / "state")
+    exports = output / "exports"
+    folders = [output / "checkpoint"]
+    for folder in sorted(exports.iterdir()) if exports.is_dir() else []:
+        match = re.fullmatch(r"step-(\d+)", folder.name)
+        if match and folder.is_dir() and int(match.group(1)) > step:
+            shutil.rmtree(folder)
+            removed.append(folder)
+        elif match:
+            folders.append(folder)
+    for folder in folders:
+        removed += remove_temporary_files(folder)
+    return removed
 
 
 @dataclass(frozen=True)
