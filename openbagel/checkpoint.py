@@ -37,7 +37,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     try:
         p = Path(path).expanduser()
         exists = p.exists()
-    except (OSError, RuntimeError) as e:  # a name too long, '~nouser'
+    except OSError as e:  # a name too long
+        raise CheckpointError(f"bad checkpoint path {str(path)[:80]!r}: {e.strerror}") from None
+    except RuntimeError as e:  # '~nouser'
         raise CheckpointError(f"bad checkpoint path {str(path)[:80]!r}: {e}") from None
     if not exists:
         raise CheckpointError(

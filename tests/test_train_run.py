@@ -529,3 +529,30 @@ def test_resume_after_a_kill_during_a_write(tmp_path, straight_run, where, n, re
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_bad_paths_are_refused_before_the_model_is_built(tmp_path, tiny_dir, monkeypatch):
+    """Every path of a run (output, config, data, assets) is checked first: one
+    line naming the problem, no traceback, no model built."""
+    import openbagel.train.run as run
+
+    monkeypatch.setattr(run, "_build_model", lambda *a: pytest.fail("the model was built"))
+    (tmp_path / "afile").write_text("")
+    long = "x" * 300
+    assets = {"init": "scratch", "preset": "tiny-golden"}
+    cases = [
+        ({}, tmp_path / "afile", "--output", "is a file; give a folder for the run"),
+        ({}, tmp_path / "afile" / "run", "--output", "cannot create the run folder"),
+        ({}, tmp_path / long, "--output", "File name too long"),
+        ({"data": [{"kind": "llava_jsonl", "path": long}]}, None, "data[0]", "File name too long"),
+        ({"model": {**assets, "assets": long}}, None, "assets folder", "File name too long"),
+        ({"model": {**assets, "assets": "afile"}}, None, "assets folder", "is a file"),
+        ({"model": {"init": long}}, None, "bad checkpoint path", "File name too long"),
+    ]
+    for overrides, output, where, message in cases:
+        cfg = _config(tmp_path, tiny_dir, **overrides)
+        r = runner.invoke(app, ["train", str(cfg), "-o", str(output or tmp_path / "o")])
+        assert r.exit_code == 2 and where in r.output and message in r.output, (overrides, output, r.output)
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "is a folder; give the YAML file" in r.output

@@ -114,8 +114,12 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"training config {str(path)!r} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"training config {str(path)[:200]!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"training config {str(path)!r} is a folder; give the YAML file") from None
+    except OSError as e:  # a name too long, no permission
+        raise ConfigError(f"training config {str(path)[:200]!r} cannot be read: {e.strerror}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: not a readable YAML file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, optim, ...)")
@@ -218,8 +222,20 @@ def _lora_settings(cfg: dict) -> dict[str, Any] | None:
     }
 
 
-def _build_model(model_cfg: dict, base: Path, seed: int):
-    """``(model, vae, tokenizer, assets folder)`` from the config's ``model`` section."""
+@dataclass(frozen=True)
+class _ModelSource:
+    """The checked ``model`` section: the architecture and where its files are."""
+
+    config: BagelConfig
+    assets: Path  # the tokenizer and ae.safetensors (the checkpoint folder when ``init`` is one)
+    scratch: bool  # random weights (else the checkpoint's)
+    freeze: list
+    activation_checkpointing: bool
+
+
+def _model_source(model_cfg: dict, base: Path) -> _ModelSource:
+    """The config's ``model`` section, checked (fields, preset, folders, the
+    checkpoint's config) before any weights load."""
     if not isinstance(model_cfg, dict):
         raise ConfigError("'model' must be a mapping")
     unknown = set(model_cfg) - {"init", "preset", "assets", "freeze", "activation_checkpointing"}
@@ -228,41 +244,47 @@ def _build_model(model_cfg: dict, base: Path, seed: int):
     init = model_cfg.get("init", "scratch")
     if not isinstance(init, str):
         raise ConfigError(f"model: init must be 'scratch' or a checkpoint folder, got {init!r}")
-    if init == "scratch":
-        if "preset" not in model_cfg or "assets" not in model_cfg:
-            raise ConfigError(
-                "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
-            )
-        if not isinstance(model_cfg["preset"], str):
-            raise ConfigError(
-                f"model: preset must be a preset name (7b-mot, tiny-golden, shapes), got {model_cfg['preset']!r}"
-            )
-        try:
-            config = preset(model_cfg["preset"])
-        except KeyError as e:
-            raise ConfigError(f"model: {e.args[0]}") from None
-        assets = base / _path_field(model_cfg, "assets", "model")
-        if not assets.is_dir():
-            raise ConfigError(f"model: assets folder {assets} does not exist")
-        model = init_weights(Bagel(config), seed=seed)
-    else:
-        assets = resolve_checkpoint_dir(base / init)
-        config = config_from_checkpoint(assets)
-        model = load_model(assets, config=config)
-    vae = load_vae(assets, config=config)
-    tokenizer = Tokenizer.from_folder(assets)
     parts = model_cfg.get("freeze", []) or []
     if not isinstance(parts, list):
         raise ConfigError(f"'model': freeze must be a list, for example [vit], got {parts!r}")
+    checkpointing = bool(model_cfg.get("activation_checkpointing", False))
+    if init != "scratch":
+        assets = resolve_checkpoint_dir(base / init)
+        return _ModelSource(config_from_checkpoint(assets), assets, False, parts, checkpointing)
+    if "preset" not in model_cfg or "assets" not in model_cfg:
+        raise ConfigError("model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)")
+    if not isinstance(model_cfg["preset"], str):
+        raise ConfigError(
+            f"model: preset must be a preset name (7b-mot, tiny-golden, shapes), got {model_cfg['preset']!r}"
+        )
     try:
-        freeze(model, parts)
+        config = preset(model_cfg["preset"])
+    except KeyError as e:
+        raise ConfigError(f"model: {e.args[0]}") from None
+    assets = base / _path_field(model_cfg, "assets", "model")
+    kind = _path_kind(assets, "model: assets folder")
+    if kind != "folder":
+        raise ConfigError(f"model: assets folder {assets} {'is a file' if kind else 'does not exist'}")
+    return _ModelSource(config, assets, True, parts, checkpointing)
+
+
+def _build_model(source: _ModelSource, seed: int):
+    """``(model, vae, tokenizer)`` of a checked ``model`` section."""
+    if source.scratch:
+        model = init_weights(Bagel(source.config), seed=seed)
+    else:
+        model = load_model(source.assets, config=source.config)
+    vae = load_vae(source.assets, config=source.config)
+    tokenizer = Tokenizer.from_folder(source.assets)
+    try:
+        freeze(model, source.freeze)
     except ValueError as e:
         raise ConfigError(f"'model': {e}") from None
-    if model_cfg.get("activation_checkpointing", False):
+    if source.activation_checkpointing:
         apply_activation_checkpointing(model)
     for p in vae.parameters():
         p.requires_grad_(False)
-    return model, vae, tokenizer, assets
+    return model, vae, tokenizer
 
 
 @dataclass(frozen=True)
@@ -306,14 +328,27 @@ def _data_sources(cfg: dict, base: Path) -> list[_Source]:
             out.append(_Source(kind, weight, "shapes world", world=_shapes_source(e, f"data[{k}]")))
             continue
         path = base / _path_field(e, "path", f"data[{k}] ({kind})")
-        if not path.exists():
+        found = _path_kind(path, f"data[{k}]:")
+        if found is None:
             raise ConfigError(f"data[{k}]: {path} does not exist")
-        if path.is_dir():
+        if found == "folder":
             raise ConfigError(f"data[{k}]: {path} is a folder; give the {kind.split('_')[-1]} file")
         out.append(_Source(kind, weight, str(path.resolve()), path=path.resolve()))
     if not math.isfinite(sum(s.weight for s in out)):
         raise ConfigError("the data weights are too large; use weights like 1, 2 or 0.5")
     return out
+
+
+def _path_kind(path: Path, where: str) -> str | None:
+    """``"file"``, ``"folder"`` or None (nothing there).
+
+    Raises:
+        ConfigError: the path cannot be looked up (a name too long, no permission).
+    """
+    try:
+        return ("folder" if path.is_dir() else "file") if path.exists() else None
+    except OSError as e:
+        raise ConfigError(f"{where} {str(path)[:200]!r}: {e.strerror}") from None
 
 
 def _path_field(section: dict, key: str, where: str) -> str:
@@ -439,10 +474,12 @@ def train(
     export_every = _int(cfg, "export_every", 0, "config", minimum=0)
     if export_every and lora_cfg is not None:
         raise ConfigError("export_every does not apply to LoRA runs (the adapter is saved at the end); remove it")
+    model_source = _model_source(cfg.get("model") or {}, base)
     output = Path(output)
     _check_output(output, resume)  # before the weights load
     world, rank, own_group = _init_distributed(compute.device)
-    model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
+    model, vae, tokenizer = _build_model(model_source, seed)
+    assets = model_source.assets
     config = model.config  # before any LoRA wrapper
     if lora_cfg is not None:
         torch.manual_seed(seed)  # peft draws the adapters' initial values from the global generator
@@ -643,7 +680,7 @@ def _check_output(output: Path, resume: bool) -> None:
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create the run folder {str(output)[:200]!r}: {e.strerror}") from None
+        raise ConfigError(f"cannot create the run folder {str(output)[:200]!r}: {e.strerror}; choose another --output") from None
     if not os.access(output, os.W_OK | os.X_OK):
         raise ConfigError(f"the run folder {output} is not writable; choose another --output")
 
