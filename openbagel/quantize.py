@@ -424,7 +424,7 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
     """
     from safetensors import SafetensorError, safe_open
 
-    from openbagel.checkpoint import build_model
+    from openbagel.checkpoint import build_model, check_finite
 
     spec, dtype = read_quant_info(folder)
     file = folder / QUANT_WEIGHTS
@@ -434,6 +434,7 @@ def load_quantized(folder: Path, config: BagelConfig, device: torch.device | str
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read the quantized weights ({e})") from None
+    check_finite(tensors, file)  # the floating ones: scales and unquantized weights
     unflatten = _torchao("loading a quantized folder", SAFETENSORS_SUPPORT).unflatten_tensor_state_dict
     try:
         sd, leftover = unflatten(tensors, metadata)

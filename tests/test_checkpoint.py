@@ -220,3 +220,52 @@ def test_tokenizer_of_the_wrong_kind(ckpt):
 def test_overlong_model_path(tmp_path):
     with pytest.raises(CheckpointError, match="bad checkpoint path"):
         resolve_checkpoint_dir(tmp_path / ("m" * 300))
+
+
+def _set_raw_bytes(file, key: str, index: int, raw: bytes) -> None:
+    """Overwrite the bytes of element ``index`` of tensor ``key`` in a safetensors file (as a bit flip on disk does)."""
+    data = bytearray(file.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + header_len])[key]
+    start = 8 + header_len + entry["data_offsets"][0] + index * len(raw)
+    data[start : start + len(raw)] = raw
+    file.write_bytes(bytes(data))
+
+
+def test_non_finite_weights_are_refused(ckpt):
+    """A NaN or an infinity (a flipped exponent) in a weights file is refused at load, the tensor and file named."""
+    sd = load_file(ckpt / "ema.safetensors")
+    key = "language_model.model.layers.0.mlp.gate_proj.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[7] = float("nan")
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=rf"ema.safetensors: tensor '{key}' holds 1 NaN or infinite value"):
+        BagelPipeline.from_pretrained(ckpt)
+    ae = load_file(ckpt / "ae.safetensors")
+    name = next(k for k, v in ae.items() if v.dtype == torch.float32 and v.numel() > 3)
+    _set_raw_bytes(ckpt / "ae.safetensors", name, 3, b"\x00\x00\x80\x7f")  # float32 +inf
+    with pytest.raises(CheckpointError, match=rf"ae.safetensors: tensor '{name}' holds 1 NaN"):
+        load_vae(ckpt)
+    # packed integers are not weights to check; finite values near the float32 limit pass
+    from openbagel.checkpoint import check_finite
+
+    fine = {"packed": torch.tensor([-128, 127], dtype=torch.int8), "big": torch.tensor([3e38, 3e38])}
+    check_finite(fine, ckpt / "x.safetensors")
+    fp8 = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match="'scale' holds 1 NaN"):
+        check_finite({**fine, "scale": fp8}, ckpt / "x.safetensors")
+
+
+def test_non_finite_quantized_weights_are_refused(tmp_path):
+    """The floating tensors of a quantized folder (scales, unquantized weights) are checked too."""
+    from openbagel.pipeline import DEFAULT_MODEL
+    from openbagel.quantize import QUANT_WEIGHTS, save_quantized
+
+    pipe = BagelPipeline.from_pretrained(dtype="bfloat16", quant="llm=int8")
+    out = save_quantized(pipe.model, pipe.quant, DEFAULT_MODEL, tmp_path / "q")
+    BagelPipeline.from_pretrained(out)  # loads
+    tensors = load_file(out / QUANT_WEIGHTS)
+    key = next(k for k, v in tensors.items() if v.dtype == torch.bfloat16 and v.numel() > 1)
+    _set_raw_bytes(out / QUANT_WEIGHTS, key, 1, b"\xc0\x7f")  # bfloat16 NaN
+    with pytest.raises(CheckpointError, match=rf"{QUANT_WEIGHTS}: tensor '{key}' holds 1 NaN"):
+        BagelPipeline.from_pretrained(out)
