@@ -9,6 +9,7 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -188,20 +189,39 @@ def load_model(
     model = build_model(config)
     file = folder / MODEL_FILE
     sd = read_safetensors(file, dtype=dtype, device=device)
-    check_tensors(
-        {k: tuple(v.shape) for k, v in sd.items()}, model_shapes(model, DERIVED_TENSORS), file, optional=DERIVED_TENSORS
-    )
     stored_tables = {k: sd.pop(k) for k in DERIVED_TENSORS if k in sd}
+    check_tensors({k: tuple(v.shape) for k, v in sd.items()}, model_shapes(model), file)
     model.load_state_dict(sd, strict=True, assign=True)
     model.reset_position_tables()
     for key, stored in stored_tables.items():
-        rebuilt = model.get_buffer(key)
-        err = (stored.float() - rebuilt.float()).abs().max().item()
-        if err > 1e-2:
-            raise CheckpointError(
-                f"{file}: tensor {key!r} differs from the 2-D sin-cos table by {err:.3g}; this checkpoint uses another position table"
-            )
+        check_position_table(stored, model.get_buffer(key), key, file)
     return model.eval()
+
+
+def check_position_table(stored: Tensor, rebuilt: Tensor, key: str, file: Path) -> None:
+    """Compare a stored copy of a fixed 2-D sin-cos table (``[side**2, dim]``)
+    with the rebuilt one, position by position; tables of different sides (a
+    checkpoint whose config raised or lowered the max size) are compared on the
+    positions both hold (row ``r*side + c`` is position ``(r, c)``).
+
+    Raises:
+        CheckpointError: the stored table is not a square table of the model's
+            width, or its values are not the sin-cos table.
+    """
+    side, dim = math.isqrt(rebuilt.shape[0]), rebuilt.shape[1]
+    stored_side = math.isqrt(stored.shape[0]) if stored.ndim == 2 else 0
+    if stored.ndim != 2 or stored_side**2 != stored.shape[0] or stored.shape[1] != dim:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {list(stored.shape)}, the model expects a square table "
+            f"[side**2, {dim}] ({list(rebuilt.shape)} at this config's size)"
+        )
+    n = min(side, stored_side)
+    both = stored.float().view(stored_side, stored_side, dim)[:n, :n]
+    err = (both - rebuilt.float().view(side, side, dim)[:n, :n].to(both.device)).abs().max().item()
+    if err > 1e-2:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} differs from the 2-D sin-cos table by {err:.3g}; this checkpoint uses another position table"
+        )
 
 
 def load_vae(

@@ -269,3 +269,45 @@ def test_non_finite_quantized_weights_are_refused(tmp_path):
     _set_raw_bytes(out / QUANT_WEIGHTS, key, 1, b"\xc0\x7f")  # bfloat16 NaN
     with pytest.raises(CheckpointError, match=rf"{QUANT_WEIGHTS}: tensor '{key}' holds 1 NaN"):
         BagelPipeline.from_pretrained(out)
+
+
+def _set_max_latent_size(ckpt, side: int) -> None:
+    extra = json.loads((ckpt / "openbagel.json").read_text())
+    extra["max_latent_size"] = side
+    (ckpt / "openbagel.json").write_text(json.dumps(extra))
+
+
+def test_raised_max_latent_size_rebuilds_the_table(ckpt):
+    """openbagel.json raises max_latent_size above the stored table's 64 (images
+    above 1024 px): the table is rebuilt at 96x96, the stored rows are checked
+    against the rebuilt rows of the same positions."""
+    from openbagel.model.layers import sincos_2d_table
+
+    _set_max_latent_size(ckpt, 96)
+    pipe = BagelPipeline.from_pretrained(ckpt)
+    assert pipe.config.max_latent_size == 96 and pipe.config.max_image_side == 96 * 16
+    table = pipe.model.latent_pos_embed.pos_embed
+    assert table.shape == (96 * 96, 64) and torch.equal(table, sincos_2d_table(96, 64))
+    stored = load_file(ckpt / "ema.safetensors")["latent_pos_embed.pos_embed"]  # [64*64, 64]
+    assert torch.equal(table.view(96, 96, 64)[:64, :64].reshape(-1, 64), stored)  # position (r, c) = row r*side + c
+    sd = load_file(ckpt / "ema.safetensors")
+    sd["latent_pos_embed.pos_embed"][2 * 64 + 5] += 0.5  # position (2, 5) of the stored 64x64 table
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="'latent_pos_embed.pos_embed' differs from the 2-D sin-cos table"):
+        load_model(ckpt)
+    sd["latent_pos_embed.pos_embed"] = sd["latent_pos_embed.pos_embed"][:4000]  # not a square table
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"has shape \[4000, 64\], the model expects a square table"):
+        load_model(ckpt)
+
+
+def test_stale_max_latent_size_follows_the_stored_table(ckpt, caplog):
+    """A config whose max_latent_size (32) is smaller than the stored table (64x64)
+    is stale: the table's size is used, with a warning."""
+    _set_max_latent_size(ckpt, 32)
+    with caplog.at_level("WARNING"):
+        config = config_from_checkpoint(ckpt)
+    assert config.max_latent_size == 64
+    assert "max_latent_size 32 is stale" in caplog.text and "using 64 (images up to 1024 px)" in caplog.text
+    model = load_model(ckpt)
+    assert model.config.max_latent_size == 64 and model.latent_pos_embed.pos_embed.shape == (64 * 64, 64)
