@@ -556,3 +556,26 @@ def test_bad_paths_are_refused_before_the_model_is_built(tmp_path, tiny_dir, mon
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "is a folder; give the YAML file" in r.output
+
+
+def test_resume_from_a_state_saved_in_the_single_folder_layout(tmp_path, straight_run):
+    """A run saved by an earlier version (the DCP files directly in state/) resumes
+    exactly, and its next save replaces that layout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from openbagel.train.run import train
+
+    cfg, straight = straight_run
+    out = tmp_path / "old"
+    quiet = dict(progress=False, echo=lambda s: None)
+    train(cfg, out, stop_at=2, **quiet)
+    state = out / "state"
+    for f in (state / "step-000002").iterdir():
+        f.rename(state / f.name)
+    (state / "step-000002").rmdir()
+    (state / "latest").unlink()
+    train(cfg, out, resume=True, **quiet)
+    assert sorted(p.name for p in state.iterdir()) == ["latest", "step-000004"]
+    a, b = load_file(straight / "checkpoint" / "ema.safetensors"), load_file(out / "checkpoint" / "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -389,9 +389,11 @@ def remove_incomplete_states(folder: str | Path) -> list[Path]:
     keep = last_state(folder)
     removed = []
     for entry in folder.iterdir():
-        stale_save = entry.is_dir() and re.fullmatch(r"step-\d+", entry.name) and entry != keep
-        if stale_save or re.fullmatch(rf"\.{STATE_POINTER}\..*", entry.name):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if entry.is_dir() and re.fullmatch(r"step-\d+", entry.name) and entry != keep:
+            shutil.rmtree(entry)
+            removed.append(entry)
+        elif entry.is_file() and entry.name.startswith(f".{STATE_POINTER}."):
+            entry.unlink()
             removed.append(entry)
     return removed
 
@@ -442,6 +444,8 @@ def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) 
                 shutil.rmtree(entry)
             elif entry.is_file() and (entry.name == ".metadata" or entry.suffix == ".distcp"):
                 entry.unlink()
+    if dist.is_initialized():
+        dist.barrier()  # every rank sees the switched pointer before the next save
     return target
 
 
