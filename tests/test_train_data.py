@@ -129,7 +129,8 @@ def test_video_rows_are_refused_with_their_number(tmp_path, builder):
     """A LLaVA-Video row (a 'video' field, <video> in a later turn) is refused,
     never trained with the clip dropped and <video> as literal text."""
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
-    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>hi"}, {"from": "gpt", "value": "ok"}]}
+    turns = [{"from": "human", "value": "<image>hi"}, {"from": "gpt", "value": "ok"}]
+    good = {"image": "a.png", "conversations": turns}
     video = {
         "video": "clip.mp4",
         "conversations": [

@@ -579,3 +579,17 @@ def test_resume_from_a_state_saved_in_the_single_folder_layout(tmp_path, straigh
     assert sorted(p.name for p in state.iterdir()) == ["latest", "step-000004"]
     a, b = load_file(straight / "checkpoint" / "ema.safetensors"), load_file(out / "checkpoint" / "ema.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_damaged_save_names_the_way_out(tmp_path, straight_run):
+    """A complete save damaged afterwards (a disk error): one line naming the save and what to do."""
+    import shutil
+
+    cfg, straight = straight_run
+    out = tmp_path / "damaged"
+    shutil.copytree(straight, out)
+    (data,) = (out / "state" / "step-000004").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:1000])
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(out), "--resume"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "step-000004 is damaged" in r.output and "and --resume again to restart at step 0" in r.output

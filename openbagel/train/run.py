@@ -252,7 +252,9 @@ def _model_source(model_cfg: dict, base: Path) -> _ModelSource:
         assets = resolve_checkpoint_dir(base / init)
         return _ModelSource(config_from_checkpoint(assets), assets, False, parts, checkpointing)
     if "preset" not in model_cfg or "assets" not in model_cfg:
-        raise ConfigError("model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)")
+        raise ConfigError(
+            "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
+        )
     if not isinstance(model_cfg["preset"], str):
         raise ConfigError(
             f"model: preset must be a preset name (7b-mot, tiny-golden, shapes), got {model_cfg['preset']!r}"
@@ -443,8 +445,11 @@ def train(
     (``state/``) and the exported checkpoint (``checkpoint/``) under ``output``.
 
     Args:
-        resume: continue from ``output/state`` exactly where it stopped
-            (same weights, optimiser, random draws and data order).
+        resume: continue from the last complete save in ``output/state``
+            exactly where it stopped (same weights, optimiser, random draws
+            and data order); a run killed before its first save starts again
+            at step 0. What a killed run left (unfinished saves, later log
+            records and exports, temporary files) is removed first.
         stop_at: stop after this optimiser step (the schedule still runs to
             ``max_steps``), to continue later with ``resume``.
 
@@ -680,7 +685,9 @@ def _check_output(output: Path, resume: bool) -> None:
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create the run folder {str(output)[:200]!r}: {e.strerror}; choose another --output") from None
+        raise ConfigError(
+            f"cannot create the run folder {str(output)[:200]!r}: {e.strerror}; choose another --output"
+        ) from None
     if not os.access(output, os.W_OK | os.X_OK):
         raise ConfigError(f"the run folder {output} is not writable; choose another --output")
 
@@ -689,7 +696,7 @@ def _remove_leftovers(output: Path, step: int) -> list[Path]:
     """Delete what a killed run left in its folder, before resuming it at
     ``step``: interrupted state saves, exports of later steps (the resumed run
     writes them again, identical), temporary files of interrupted checkpoint
-    writes. Returns the removed paths; nothing else is touched."""
+    writes, of the log. Returns the removed paths; nothing else is touched."""
     import re
     import shutil
 
@@ -707,6 +714,9 @@ def _remove_leftovers(output: Path, step: int) -> list[Path]:
             folders.append(folder)
     for folder in folders:
         removed += remove_temporary_files(folder)
+    for tmp in output.glob(".log.jsonl.*"):  # an interrupted rewrite of the log (see _truncate_log)
+        tmp.unlink()
+        removed.append(tmp)
     return removed
 
 

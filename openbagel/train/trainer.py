@@ -481,8 +481,12 @@ def load_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) 
             f"the saved state in {saved} does not fit this run (was the model, LoRA or EMA setting changed?): {str(e)[:200]}"
         ) from None
     except (CheckpointException, EOFError, OSError, pickle.UnpicklingError) as e:
+        if isinstance(e, CheckpointException):  # DCP's wrapper of each rank's error
+            e = next(iter(e.failures.values()))[0]
+        cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise ValueError(
-            f"the saved state in {saved} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            f"the saved state in {saved} is damaged ({cause[:200]}); "
+            f"delete {Path(folder)} and --resume again to restart at step 0"
         ) from None
     trainer.step_count = int(state["trainer"]["step"])
     trainer.generator.set_state(state["trainer"]["generator"])
