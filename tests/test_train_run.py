@@ -489,6 +489,7 @@ def straight_run(tmp_path_factory, tiny_dir):
         ("save", 2, 2),  # killed while saving step 4's state: step 2's save is used
         ("save", 1, 0),  # killed during the first save: --resume starts at step 0
         ("export", 1, 0),  # killed as step 2's export began (a 0-byte temporary file)
+        ("export", 5, 4),  # killed writing the final checkpoint/ (exports: 2 files each at steps 2, 4)
     ],
 )
 def test_resume_after_a_kill_during_a_write(tmp_path, straight_run, where, n, resumed_at):
