@@ -290,6 +290,8 @@ def test_raised_max_latent_size_rebuilds_the_table(ckpt):
     assert table.shape == (96 * 96, 64) and torch.equal(table, sincos_2d_table(96, 64))
     stored = load_file(ckpt / "ema.safetensors")["latent_pos_embed.pos_embed"]  # [64*64, 64]
     assert torch.equal(table.view(96, 96, 64)[:64, :64].reshape(-1, 64), stored)  # position (r, c) = row r*side + c
+    image = pipe.text_to_image("a red square", seed=0, num_timesteps=2, width=1536, height=64).image
+    assert image.size == (1536, 64)  # wider than the stored table's 1024 px
     sd = load_file(ckpt / "ema.safetensors")
     sd["latent_pos_embed.pos_embed"][2 * 64 + 5] += 0.5  # position (2, 5) of the stored 64x64 table
     save_file(sd, ckpt / "ema.safetensors")
