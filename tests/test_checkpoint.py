@@ -313,3 +313,17 @@ def test_stale_max_latent_size_follows_the_stored_table(ckpt, caplog):
     assert "max_latent_size 32 is stale" in caplog.text and "using 64 (images up to 1024 px)" in caplog.text
     model = load_model(ckpt)
     assert model.config.max_latent_size == 64 and model.latent_pos_embed.pos_embed.shape == (64 * 64, 64)
+
+
+def test_non_finite_adapter_weights_are_refused(tmp_path):
+    """A LoRA adapter with a NaN is refused before peft merges it into the weights."""
+    from openbagel.train.lora import add_lora, load_adapter, save_adapter
+    from openbagel.train.trainer import new_model
+
+    model = add_lora(new_model(preset("tiny-golden")), r=2, alpha=4)
+    name, weight = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: tensor '.*lora_B.*' holds 1 NaN"):
+        load_adapter(new_model(preset("tiny-golden")), tmp_path / "adapter")
