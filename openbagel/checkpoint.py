@@ -1,8 +1,9 @@
 """Finding a checkpoint folder, building the model on the meta device and
 loading safetensors strictly.
 
-A missing or unexpected tensor, or a shape mismatch, is a
-:class:`~openbagel.errors.CheckpointError` naming the tensor and the file.
+A missing or unexpected tensor, a shape mismatch, or a NaN or infinite
+weight is a :class:`~openbagel.errors.CheckpointError` naming the tensor and
+the file.
 Nothing here touches the network.
 """
 

@@ -566,8 +566,8 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
 
 def _stored_latent_side(folder: Path) -> int | None:
     """The side of the latent position table stored in ``ema.safetensors`` (its
-    header only is read); None without the file, the table, or a square table
-    (the loader reports those)."""
+    header only is read); None without the file or the table, or when the table
+    is not square (the loader reports that)."""
     from safetensors import SafetensorError, safe_open
 
     file, key = folder / "ema.safetensors", "latent_pos_embed.pos_embed"
