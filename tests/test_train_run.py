@@ -516,6 +516,10 @@ def test_resume_after_a_kill_during_a_write(tmp_path, straight_run, where, n, re
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
+    if where == "save":  # a state file half written, its save never completed
+        partial = out / "state" / f"step-{2 * n:06d}"
+        sizes = [f.stat().st_size for f in partial.glob("*.distcp")]
+        assert not (partial / ".metadata").exists() and len(sizes) == 1 and sizes[0] > 0
     r = runner.invoke(app, ["train", str(cfg), "-o", str(out)])  # a fresh start names the way out
     assert r.exit_code == 2 and "continue it with --resume" in r.output
     messages = []
