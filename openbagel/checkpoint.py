@@ -1,24 +1,27 @@
 """Finding a checkpoint folder, building the model on the meta device and
 loading safetensors strictly.
 
-A missing or unexpected tensor, or a shape mismatch, is a
-:class:`~openbagel.errors.CheckpointError` naming the tensor and the file.
+A missing or unexpected tensor, a shape mismatch, or a NaN or infinite
+weight is a :class:`~openbagel.errors.CheckpointError` naming the tensor and
+the file.
 Nothing here touches the network.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from openbagel.config import BagelConfig, config_from_checkpoint
+from openbagel.config import OPENBAGEL_EXTRA, BagelConfig, config_from_checkpoint
 from openbagel.errors import CheckpointError
 from openbagel.model.bagel import Bagel
 from openbagel.model.vae import BagelVAE, flux_ae_shapes, to_diffusers_state_dict
 from openbagel.quantize import load_quantized, read_quant_info
+from openbagel.weights import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     try:
         p = Path(path).expanduser()
         exists = p.exists()
-    except (OSError, RuntimeError) as e:  # a name too long, '~nouser'
+    except OSError as e:  # a name too long
+        raise CheckpointError(f"bad checkpoint path {str(path)[:80]!r}: {e.strerror}") from None
+    except RuntimeError as e:  # '~nouser'
         raise CheckpointError(f"bad checkpoint path {str(path)[:80]!r}: {e}") from None
     if not exists:
         raise CheckpointError(
@@ -93,6 +98,7 @@ def read_safetensors(
     for key, t in out.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}; weights must be floating point")
+    check_finite(out, file)
     return out
 
 
@@ -159,20 +165,39 @@ def load_model(
     model = build_model(config)
     file = folder / MODEL_FILE
     sd = read_safetensors(file, dtype=dtype, device=device)
-    check_tensors(
-        {k: tuple(v.shape) for k, v in sd.items()}, model_shapes(model, DERIVED_TENSORS), file, optional=DERIVED_TENSORS
-    )
     stored_tables = {k: sd.pop(k) for k in DERIVED_TENSORS if k in sd}
+    check_tensors({k: tuple(v.shape) for k, v in sd.items()}, model_shapes(model), file)
     model.load_state_dict(sd, strict=True, assign=True)
     model.reset_position_tables()
     for key, stored in stored_tables.items():
-        rebuilt = model.get_buffer(key)
-        err = (stored.float() - rebuilt.float()).abs().max().item()
-        if err > 1e-2:
-            raise CheckpointError(
-                f"{file}: tensor {key!r} differs from the 2-D sin-cos table by {err:.3g}; this checkpoint uses another position table"
-            )
+        check_position_table(stored, model.get_buffer(key), key, file)
     return model.eval()
+
+
+def check_position_table(stored: Tensor, rebuilt: Tensor, key: str, file: Path) -> None:
+    """Compare a stored copy of a fixed 2-D sin-cos table (``[side**2, dim]``)
+    with the rebuilt one, position by position; tables of different sides (a
+    checkpoint whose config raised or lowered the max size) are compared on the
+    positions both hold (row ``r*side + c`` is position ``(r, c)``).
+
+    Raises:
+        CheckpointError: the stored table is not a square table of the model's
+            width, or its values are not the sin-cos table.
+    """
+    side, dim = math.isqrt(rebuilt.shape[0]), rebuilt.shape[1]
+    stored_side = math.isqrt(stored.shape[0]) if stored.ndim == 2 else 0
+    if stored.ndim != 2 or stored_side**2 != stored.shape[0] or stored.shape[1] != dim:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {list(stored.shape)}, the model expects a square table "
+            f"[side**2, {dim}] ({list(rebuilt.shape)} at this config's size)"
+        )
+    n = min(side, stored_side)
+    both = stored.float().view(stored_side, stored_side, dim)[:n, :n]
+    err = (both - rebuilt.float().view(side, side, dim)[:n, :n].to(both.device)).abs().max().item()
+    if err > 1e-2:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} differs from the 2-D sin-cos table by {err:.3g}; this checkpoint uses another position table"
+        )
 
 
 def load_vae(
@@ -242,6 +267,18 @@ def vit_config_json(config: BagelConfig) -> dict:
         "layer_norm_eps": c.layer_norm_eps,
         "num_channels": 3,
     }
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that an interrupted :func:`save_checkpoint`
+    left in ``folder`` (those :func:`openbagel.fileio.write_atomically` names
+    after each file it writes, of processes that are gone); returns them.
+    Nothing else is touched."""
+    from openbagel.fileio import remove_stale_temps
+
+    folder = Path(folder)
+    written = (MODEL_FILE, VAE_FILE, "llm_config.json", "vit_config.json", OPENBAGEL_EXTRA, *TOKENIZER_FILES)
+    return [p for name in written for p in remove_stale_temps(folder / name)]
 
 
 def save_checkpoint(

@@ -12,6 +12,7 @@ token; *max latent size* -- side of the latent-token position grid (64 for
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from openbagel.errors import CheckpointError, InvalidInputError
+
+log = logging.getLogger(__name__)
 
 RenormType = Literal["global", "channel", "text_channel"]
 
@@ -564,6 +567,11 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
       the published folder; they default to the published values, and are
       read from ``openbagel.json`` (ours) or ``tiny_extra.json`` (golden) when
       one is present.
+    * Some fine-tunes carry a stale max latent size: when the latent position
+      table stored in ``ema.safetensors`` is larger, its size is used (with a
+      warning). A smaller stored table is fine (the table is rebuilt at the
+      configured size; :func:`~openbagel.checkpoint.load_model` checks the rows
+      both hold).
 
     Args:
         folder: the checkpoint folder.
@@ -601,8 +609,42 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
     for name, apply in ((OPENBAGEL_EXTRA, _apply_openbagel_extra), (GOLDEN_EXTRA, _apply_golden_extra)):
         if (folder / name).exists():
             with _config_errors(folder / name):
-                return apply(cfg, _read_json(folder / name))
+                cfg = apply(cfg, _read_json(folder / name))
+            break
+    side = _stored_latent_side(folder)
+    if side is not None and side > cfg.max_latent_size:
+        log.warning(
+            "%s: the config's max_latent_size %d is stale; the stored latent position table is %dx%d: "
+            "using %d (images up to %d px)",
+            folder,
+            cfg.max_latent_size,
+            side,
+            side,
+            side,
+            side * cfg.latent_downsample,
+        )
+        cfg = replace(cfg, max_latent_size=side)
     return cfg
+
+
+def _stored_latent_side(folder: Path) -> int | None:
+    """The side of the latent position table stored in ``ema.safetensors`` (its
+    header only is read); None without the file or the table, or when the table
+    is not square (the loader reports that)."""
+    from safetensors import SafetensorError, safe_open
+
+    file, key = folder / "ema.safetensors", "latent_pos_embed.pos_embed"
+    try:
+        if not file.is_file():
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            if key not in f.keys():
+                return None
+            rows = f.get_slice(key).get_shape()[0]
+    except (SafetensorError, OSError):
+        return None
+    side = math.isqrt(rows)
+    return side if side * side == rows else None
 
 
 @contextmanager

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from openbagel.errors import CheckpointError, InvalidInputError
 from openbagel.fileio import remove_stale
 from openbagel.quiet import quiet_imports
+from openbagel.weights import check_finite
 
 #: What each part may be stored as.
 MODES = ("none", "int8", "nf4", "fp8")
@@ -459,6 +460,7 @@ def load_quantized(folder: Path, model: nn.Module, device: torch.device | str = 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read the quantized weights ({e})") from None
+    check_finite(tensors, file)  # the floating ones: scales and unquantized weights
     unflatten = _torchao("loading a quantized folder", SAFETENSORS_SUPPORT).unflatten_tensor_state_dict
     try:
         sd, leftover = unflatten(tensors, metadata)

@@ -220,3 +220,110 @@ def test_tokenizer_of_the_wrong_kind(ckpt):
 def test_overlong_model_path(tmp_path):
     with pytest.raises(CheckpointError, match="bad checkpoint path"):
         resolve_checkpoint_dir(tmp_path / ("m" * 300))
+
+
+def _set_raw_bytes(file, key: str, index: int, raw: bytes) -> None:
+    """Overwrite the bytes of element ``index`` of tensor ``key`` in a safetensors file (as a bit flip on disk does)."""
+    data = bytearray(file.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + header_len])[key]
+    start = 8 + header_len + entry["data_offsets"][0] + index * len(raw)
+    data[start : start + len(raw)] = raw
+    file.write_bytes(bytes(data))
+
+
+def test_non_finite_weights_are_refused(ckpt):
+    """A NaN or an infinity (a flipped exponent) in a weights file is refused at load, the tensor and file named."""
+    sd = load_file(ckpt / "ema.safetensors")
+    key = "language_model.model.layers.0.mlp.gate_proj.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[7] = float("nan")
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=rf"ema.safetensors: tensor '{key}' holds 1 NaN or infinite value"):
+        BagelPipeline.from_pretrained(ckpt)
+    ae = load_file(ckpt / "ae.safetensors")
+    name = next(k for k, v in ae.items() if v.dtype == torch.float32 and v.numel() > 3)
+    _set_raw_bytes(ckpt / "ae.safetensors", name, 3, b"\x00\x00\x80\x7f")  # float32 +inf
+    with pytest.raises(CheckpointError, match=rf"ae.safetensors: tensor '{name}' holds 1 NaN"):
+        load_vae(ckpt)
+    # packed integers are not weights to check; finite values near the float32 limit pass
+    from openbagel.weights import check_finite
+
+    fine = {"packed": torch.tensor([-128, 127], dtype=torch.int8), "big": torch.tensor([3e38, 3e38])}
+    check_finite(fine, ckpt / "x.safetensors")
+    fp8 = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match="'scale' holds 1 NaN"):
+        check_finite({**fine, "scale": fp8}, ckpt / "x.safetensors")
+
+
+def test_non_finite_quantized_weights_are_refused(tmp_path):
+    """The floating tensors of a quantized folder (scales, unquantized weights) are checked too."""
+    from openbagel.pipeline import DEFAULT_MODEL
+    from openbagel.quantize import QUANT_WEIGHTS, save_quantized
+
+    pipe = BagelPipeline.from_pretrained(dtype="bfloat16", quant="llm=int8")
+    out = save_quantized(pipe.model, pipe.quant, DEFAULT_MODEL, tmp_path / "q")
+    BagelPipeline.from_pretrained(out)  # loads
+    tensors = load_file(out / QUANT_WEIGHTS)
+    key = next(k for k, v in tensors.items() if v.dtype == torch.bfloat16 and v.numel() > 1)
+    _set_raw_bytes(out / QUANT_WEIGHTS, key, 1, b"\xc0\x7f")  # bfloat16 NaN
+    with pytest.raises(CheckpointError, match=rf"{QUANT_WEIGHTS}: tensor '{key}' holds 1 NaN"):
+        BagelPipeline.from_pretrained(out)
+
+
+def _set_max_latent_size(ckpt, side: int) -> None:
+    extra = json.loads((ckpt / "openbagel.json").read_text())
+    extra["max_latent_size"] = side
+    (ckpt / "openbagel.json").write_text(json.dumps(extra))
+
+
+def test_raised_max_latent_size_rebuilds_the_table(ckpt):
+    """openbagel.json raises max_latent_size above the stored table's 64 (images
+    above 1024 px): the table is rebuilt at 96x96, the stored rows are checked
+    against the rebuilt rows of the same positions."""
+    from openbagel.model.layers import sincos_2d_table
+
+    _set_max_latent_size(ckpt, 96)
+    pipe = BagelPipeline.from_pretrained(ckpt)
+    assert pipe.config.max_latent_size == 96 and pipe.config.max_image_side == 96 * 16
+    table = pipe.model.latent_pos_embed.pos_embed
+    assert table.shape == (96 * 96, 64) and torch.equal(table, sincos_2d_table(96, 64))
+    stored = load_file(ckpt / "ema.safetensors")["latent_pos_embed.pos_embed"]  # [64*64, 64]
+    assert torch.equal(table.view(96, 96, 64)[:64, :64].reshape(-1, 64), stored)  # position (r, c) = row r*side + c
+    image = pipe.text_to_image("a red square", seed=0, num_timesteps=2, width=1536, height=64).image
+    assert image.size == (1536, 64)  # wider than the stored table's 1024 px
+    sd = load_file(ckpt / "ema.safetensors")
+    sd["latent_pos_embed.pos_embed"][2 * 64 + 5] += 0.5  # position (2, 5) of the stored 64x64 table
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="'latent_pos_embed.pos_embed' differs from the 2-D sin-cos table"):
+        load_model(ckpt)
+    sd["latent_pos_embed.pos_embed"] = sd["latent_pos_embed.pos_embed"][:4000]  # not a square table
+    save_file(sd, ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"has shape \[4000, 64\], the model expects a square table"):
+        load_model(ckpt)
+
+
+def test_stale_max_latent_size_follows_the_stored_table(ckpt, caplog):
+    """A config whose max_latent_size (32) is smaller than the stored table (64x64)
+    is stale: the table's size is used, with a warning."""
+    _set_max_latent_size(ckpt, 32)
+    with caplog.at_level("WARNING"):
+        config = config_from_checkpoint(ckpt)
+    assert config.max_latent_size == 64
+    assert "max_latent_size 32 is stale" in caplog.text and "using 64 (images up to 1024 px)" in caplog.text
+    model = load_model(ckpt)
+    assert model.config.max_latent_size == 64 and model.latent_pos_embed.pos_embed.shape == (64 * 64, 64)
+
+
+def test_non_finite_adapter_weights_are_refused(tmp_path):
+    """A LoRA adapter with a NaN is refused before peft merges it into the weights."""
+    from openbagel.train.lora import add_lora, load_adapter, save_adapter
+    from openbagel.train.trainer import new_model
+
+    model = add_lora(new_model(preset("tiny-golden")), r=2, alpha=4)
+    name, weight = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: tensor '.*lora_B.*' holds 1 NaN"):
+        load_adapter(new_model(preset("tiny-golden")), tmp_path / "adapter")

@@ -125,6 +125,31 @@ def test_bad_jsonl_and_skipping(tmp_path, builder):
         list(read_edit(tmp_path / "c.jsonl", builder, random.Random(0)))
 
 
+def test_video_rows_are_refused_with_their_number(tmp_path, builder):
+    """A LLaVA-Video row (a 'video' field, <video> in a later turn) is refused,
+    never trained with the clip dropped and <video> as literal text."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>hi"}, {"from": "gpt", "value": "ok"}]
+    good = {"image": "a.png", "conversations": turns}
+    video = {
+        "video": "clip.mp4",
+        "conversations": [
+            {"from": "human", "value": "Hello."},
+            {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "<video>\nWhat happens?"},
+            {"from": "gpt", "value": "A ball rolls."},
+        ],
+    }
+    tag_only = {"conversations": [{"from": "human", "value": "<video> what?"}, {"from": "gpt", "value": "x"}]}
+    rows = [good, video, good, tag_only]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"v.jsonl, row 2: video rows \('video', <video>\) are not supported"):
+        list(read_conversations(tmp_path / "v.jsonl", builder))
+    skipped = []
+    samples = list(read_conversations(tmp_path / "v.jsonl", builder, on_error=skipped.append))
+    assert len(samples) == 2 and [e.row for e in skipped] == [2, 4]
+
+
 def test_record_source(builder):
     records = lambda: [  # noqa: E731
         {"kind": "t2i", "caption": ["a", "b"], "image": Image.new("RGB", (32, 32))},

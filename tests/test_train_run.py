@@ -436,3 +436,165 @@ def test_shipped_recipes_parse(name):
     (source,) = _data_sources(cfg, path.parent)
     assert source.kind == "shapes"
     assert source.world.unspecified == ("default" if name == "shapes-defaults.yaml" else "random")
+
+
+# A run killed by SIGKILL in the middle of a real write: the child process
+# patches the writer so that it kills itself after the first item of the N-th
+# state file (torch.distributed.checkpoint, one data file per save on one
+# process), or as the N-th checkpoint file of an export starts.
+_KILLED_RUN = """
+import os, signal, sys
+import safetensors.torch
+import torch.distributed.checkpoint.filesystem as fs
+from openbagel.train.run import train
+
+config, output, where, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+real_write_item, real_save_file = fs._write_item, safetensors.torch.save_file
+streams, exports = [], []
+
+def write_item(transforms, stream, *args, **kwargs):
+    result = real_write_item(transforms, stream, *args, **kwargs)
+    if stream not in streams:
+        streams.append(stream)
+    if where == "save" and len(streams) == n:
+        stream.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+def save_file(tensors, filename, *args, **kwargs):
+    exports.append(filename)
+    if where == "export" and len(exports) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(tensors, filename, *args, **kwargs)
+
+fs._write_item, safetensors.torch.save_file = write_item, save_file
+train(config, output, progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_dir):
+    """4 steps, saving the state and exporting every 2 steps, never interrupted."""
+    from openbagel.train.run import train
+
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = _config(tmp, tiny_dir, optim={"max_steps": 4, "lr": 1e-3, "warmup_steps": 2}, save_every=2, export_every=2)
+    train(cfg, tmp / "run", progress=False, echo=lambda s: None)
+    return cfg, tmp / "run"
+
+
+@pytest.mark.parametrize(
+    "where,n,resumed_at",
+    [
+        ("save", 2, 2),  # killed while saving step 4's state: step 2's save is used
+        ("save", 1, 0),  # killed during the first save: --resume starts at step 0
+        ("export", 1, 0),  # killed as step 2's export began (a 0-byte temporary file)
+        ("export", 5, 4),  # killed writing the final checkpoint/ (exports: 2 files each at steps 2, 4)
+    ],
+)
+def test_resume_after_a_kill_during_a_write(tmp_path, straight_run, where, n, resumed_at):
+    """kill -9 in the middle of a state save or an export, then --resume: the
+    leftovers are removed and the run ends bitwise equal to one never
+    interrupted (weights, exports, log)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from openbagel.train.run import train
+
+    cfg, straight = straight_run
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same arithmetic as this process
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, str(cfg), str(out), where, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    if where == "save":  # a state file half written, its save never completed
+        partial = out / "state" / f"step-{2 * n:06d}"
+        sizes = [f.stat().st_size for f in partial.glob("*.distcp")]
+        assert not (partial / ".metadata").exists() and len(sizes) == 1 and sizes[0] > 0
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(out)])  # a fresh start names the way out
+    assert r.exit_code == 2 and "continue it with --resume" in r.output
+    messages = []
+    result = train(cfg, out, resume=True, progress=False, echo=messages.append)
+    assert any(f"step {resumed_at}" in m for m in messages), messages
+    assert any(m.startswith("removed ") for m in messages), messages
+    assert result.steps == 4
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["latest", "step-000004"]
+    for name in ("checkpoint", "exports/step-000002", "exports/step-000004"):
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(p.name for p in (straight / name).iterdir())
+        a, b = load_file(straight / name / "ema.safetensors"), load_file(out / name / "ema.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bad_paths_are_refused_before_the_model_is_built(tmp_path, tiny_dir, monkeypatch):
+    """Every path of a run (output, config, data, assets) is checked first: one
+    line naming the problem, no traceback, no model built."""
+    import openbagel.train.run as run
+
+    monkeypatch.setattr(run, "_build_model", lambda *a: pytest.fail("the model was built"))
+    (tmp_path / "afile").write_text("")
+    long = "x" * 300
+    assets = {"init": "scratch", "preset": "tiny-golden"}
+    cases = [
+        ({}, tmp_path / "afile", "--output", "is a file; give a folder for the run"),
+        ({}, tmp_path / "afile" / "run", "--output", "cannot create the run folder"),
+        ({}, tmp_path / long, "--output", "File name too long"),
+        ({"data": [{"kind": "llava_jsonl", "path": long}]}, None, "data[0]", "File name too long"),
+        ({"model": {**assets, "assets": long}}, None, "assets folder", "File name too long"),
+        ({"model": {**assets, "assets": "afile"}}, None, "assets folder", "is a file"),
+        ({"model": {"init": long}}, None, "bad checkpoint path", "File name too long"),
+    ]
+    for overrides, output, where, message in cases:
+        cfg = _config(tmp_path, tiny_dir, **overrides)
+        r = runner.invoke(app, ["train", str(cfg), "-o", str(output or tmp_path / "o")])
+        assert r.exit_code == 2 and where in r.output and message in r.output, (overrides, output, r.output)
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "is a folder; give the YAML file" in r.output
+
+
+def test_resume_from_a_state_saved_in_the_single_folder_layout(tmp_path, straight_run):
+    """A run saved by an earlier version (the DCP files directly in state/) resumes
+    exactly, and its next save replaces that layout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from openbagel.train.run import train
+
+    cfg, straight = straight_run
+    out = tmp_path / "old"
+    quiet = dict(progress=False, echo=lambda s: None)
+    train(cfg, out, stop_at=2, **quiet)
+    state = out / "state"
+    for f in (state / "step-000002").iterdir():
+        f.rename(state / f.name)
+    (state / "step-000002").rmdir()
+    (state / "latest").unlink()
+    train(cfg, out, resume=True, **quiet)
+    assert sorted(p.name for p in state.iterdir()) == ["latest", "step-000004"]
+    a, b = load_file(straight / "checkpoint" / "ema.safetensors"), load_file(out / "checkpoint" / "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_damaged_save_names_the_way_out(tmp_path, straight_run):
+    """A complete save damaged afterwards (a disk error): one line naming the save and what to do."""
+    import shutil
+
+    cfg, straight = straight_run
+    out = tmp_path / "damaged"
+    shutil.copytree(straight, out)
+    (data,) = (out / "state" / "step-000004").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:1000])
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(out), "--resume"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "step-000004 is damaged" in r.output and "and --resume again to restart at step 0" in r.output

@@ -11,7 +11,8 @@ Formats:
   ``image_list`` + ``instruction_list`` (alternatives per step);
 * understanding / chat JSONL in the LLaVA style: ``{"image": path | [paths],
   "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from":
-  "gpt", "value": "..."}]}``, image paths relative to the JSONL file;
+  "gpt", "value": "..."}]}``, image paths relative to the JSONL file (rows
+  with a ``video`` field or a ``<video>`` tag are refused: give the frames as images);
 * any Python iterable of such records (:class:`RecordSource`), for procedural data.
 
 Every record error names the file and the row.
@@ -228,6 +229,12 @@ def read_conversations(path: str | Path, builder: SampleBuilder, on_error: OnErr
                 ):
                     raise ValueError("each turn needs 'from' (human or gpt) and a text 'value'")
                 turns.append((turn["from"], turn["value"]))
+            if "video" in record or any("<video>" in value for _, value in turns):
+                # not dropped in silence: the clip would be lost and <video> trained as text
+                raise ValueError(
+                    "video rows ('video', <video>) are not supported; give the frames as 'image' "
+                    "files with one <image> tag each, or skip such rows with --skip-bad-rows"
+                )
             yield builder.conversation(images, turns)
         except (ValueError, OpenBagelError) as e:
             _report(DataError(str(path), i, str(e)), on_error)

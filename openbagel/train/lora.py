@@ -45,7 +45,17 @@ def save_adapter(peft_model, folder: str | Path) -> Path:
 
 def load_adapter(model: Bagel, folder: str | Path, merge: bool = True) -> nn.Module:
     """Apply a saved adapter to ``model``; merged into the weights by default
-    (then the result is a plain :class:`Bagel`, as fast as the base model)."""
+    (then the result is a plain :class:`Bagel`, as fast as the base model).
+
+    Raises:
+        CheckpointError: the adapter's weights are unreadable or hold NaN or
+            infinite values (the tensor named).
+    """
+    from openbagel.checkpoint import read_safetensors
+
+    file = Path(folder) / "adapter_model.safetensors"
+    if file.is_file():
+        read_safetensors(file)  # refuses a corrupt file and NaN/Inf weights (peft would load them)
     with quiet_imports():
         from peft import PeftModel
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -64,7 +65,9 @@ from openbagel.train.trainer import (
     apply_activation_checkpointing,
     freeze,
     init_weights,
+    last_state,
     load_state,
+    remove_incomplete_states,
     save_state,
 )
 
@@ -111,8 +114,12 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"training config {str(path)!r} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"training config {str(path)[:200]!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"training config {str(path)!r} is a folder; give the YAML file") from None
+    except OSError as e:  # a name too long, no permission
+        raise ConfigError(f"training config {str(path)[:200]!r} cannot be read: {e.strerror}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: not a readable YAML file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, optim, ...)")
@@ -215,8 +222,20 @@ def _lora_settings(cfg: dict) -> dict[str, Any] | None:
     }
 
 
-def _build_model(model_cfg: dict, base: Path, seed: int):
-    """``(model, vae, tokenizer, assets folder)`` from the config's ``model`` section."""
+@dataclass(frozen=True)
+class _ModelSource:
+    """The checked ``model`` section: the architecture and where its files are."""
+
+    config: BagelConfig
+    assets: Path  # the tokenizer and ae.safetensors (the checkpoint folder when ``init`` is one)
+    scratch: bool  # random weights (else the checkpoint's)
+    freeze: list
+    activation_checkpointing: bool
+
+
+def _model_source(model_cfg: dict, base: Path) -> _ModelSource:
+    """The config's ``model`` section, checked (fields, preset, folders, the
+    checkpoint's config) before any weights load."""
     if not isinstance(model_cfg, dict):
         raise ConfigError("'model' must be a mapping")
     unknown = set(model_cfg) - {"init", "preset", "assets", "freeze", "activation_checkpointing"}
@@ -225,41 +244,49 @@ def _build_model(model_cfg: dict, base: Path, seed: int):
     init = model_cfg.get("init", "scratch")
     if not isinstance(init, str):
         raise ConfigError(f"model: init must be 'scratch' or a checkpoint folder, got {init!r}")
-    if init == "scratch":
-        if "preset" not in model_cfg or "assets" not in model_cfg:
-            raise ConfigError(
-                "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
-            )
-        if not isinstance(model_cfg["preset"], str):
-            raise ConfigError(
-                f"model: preset must be a preset name (7b-mot, tiny-golden, shapes), got {model_cfg['preset']!r}"
-            )
-        try:
-            config = preset(model_cfg["preset"])
-        except KeyError as e:
-            raise ConfigError(f"model: {e.args[0]}") from None
-        assets = base / _path_field(model_cfg, "assets", "model")
-        if not assets.is_dir():
-            raise ConfigError(f"model: assets folder {assets} does not exist")
-        model = init_weights(Bagel(config), seed=seed)
-    else:
-        assets = resolve_checkpoint_dir(base / init)
-        config = config_from_checkpoint(assets)
-        model = load_model(assets, config=config)
-    vae = load_vae(assets, config=config)
-    tokenizer = Tokenizer.from_folder(assets)
     parts = model_cfg.get("freeze", []) or []
     if not isinstance(parts, list):
         raise ConfigError(f"'model': freeze must be a list, for example [vit], got {parts!r}")
+    checkpointing = bool(model_cfg.get("activation_checkpointing", False))
+    if init != "scratch":
+        assets = resolve_checkpoint_dir(base / init)
+        return _ModelSource(config_from_checkpoint(assets), assets, False, parts, checkpointing)
+    if "preset" not in model_cfg or "assets" not in model_cfg:
+        raise ConfigError(
+            "model: init 'scratch' needs 'preset' (architecture) and 'assets' (tokenizer + ae.safetensors)"
+        )
+    if not isinstance(model_cfg["preset"], str):
+        raise ConfigError(
+            f"model: preset must be a preset name (7b-mot, tiny-golden, shapes), got {model_cfg['preset']!r}"
+        )
     try:
-        freeze(model, parts)
+        config = preset(model_cfg["preset"])
+    except KeyError as e:
+        raise ConfigError(f"model: {e.args[0]}") from None
+    assets = base / _path_field(model_cfg, "assets", "model")
+    kind = _path_kind(assets, "model: assets folder")
+    if kind != "folder":
+        raise ConfigError(f"model: assets folder {assets} {'is a file' if kind else 'does not exist'}")
+    return _ModelSource(config, assets, True, parts, checkpointing)
+
+
+def _build_model(source: _ModelSource, seed: int):
+    """``(model, vae, tokenizer)`` of a checked ``model`` section."""
+    if source.scratch:
+        model = init_weights(Bagel(source.config), seed=seed)
+    else:
+        model = load_model(source.assets, config=source.config)
+    vae = load_vae(source.assets, config=source.config)
+    tokenizer = Tokenizer.from_folder(source.assets)
+    try:
+        freeze(model, source.freeze)
     except ValueError as e:
         raise ConfigError(f"'model': {e}") from None
-    if model_cfg.get("activation_checkpointing", False):
+    if source.activation_checkpointing:
         apply_activation_checkpointing(model)
     for p in vae.parameters():
         p.requires_grad_(False)
-    return model, vae, tokenizer, assets
+    return model, vae, tokenizer
 
 
 @dataclass(frozen=True)
@@ -303,14 +330,27 @@ def _data_sources(cfg: dict, base: Path) -> list[_Source]:
             out.append(_Source(kind, weight, "shapes world", world=_shapes_source(e, f"data[{k}]")))
             continue
         path = base / _path_field(e, "path", f"data[{k}] ({kind})")
-        if not path.exists():
+        found = _path_kind(path, f"data[{k}]:")
+        if found is None:
             raise ConfigError(f"data[{k}]: {path} does not exist")
-        if path.is_dir():
+        if found == "folder":
             raise ConfigError(f"data[{k}]: {path} is a folder; give the {kind.split('_')[-1]} file")
         out.append(_Source(kind, weight, str(path.resolve()), path=path.resolve()))
     if not math.isfinite(sum(s.weight for s in out)):
         raise ConfigError("the data weights are too large; use weights like 1, 2 or 0.5")
     return out
+
+
+def _path_kind(path: Path, where: str) -> str | None:
+    """``"file"``, ``"folder"`` or None (nothing there).
+
+    Raises:
+        ConfigError: the path cannot be looked up (a name too long, no permission).
+    """
+    try:
+        return ("folder" if path.is_dir() else "file") if path.exists() else None
+    except OSError as e:
+        raise ConfigError(f"{where} {str(path)[:200]!r}: {e.strerror}") from None
 
 
 def _path_field(section: dict, key: str, where: str) -> str:
@@ -405,8 +445,11 @@ def train(
     (``state/``) and the exported checkpoint (``checkpoint/``) under ``output``.
 
     Args:
-        resume: continue from ``output/state`` exactly where it stopped
-            (same weights, optimiser, random draws and data order).
+        resume: continue from the last complete save in ``output/state``
+            exactly where it stopped (same weights, optimiser, random draws
+            and data order); a run killed before its first save starts again
+            at step 0. What a killed run left (unfinished saves, later log
+            records and exports, temporary files) is removed first.
         stop_at: stop after this optimiser step (the schedule still runs to
             ``max_steps``), to continue later with ``resume``.
 
@@ -436,8 +479,12 @@ def train(
     export_every = _int(cfg, "export_every", 0, "config", minimum=0)
     if export_every and lora_cfg is not None:
         raise ConfigError("export_every does not apply to LoRA runs (the adapter is saved at the end); remove it")
+    model_source = _model_source(cfg.get("model") or {}, base)
+    output = Path(output)
+    _check_output(output, resume)  # before the weights load
     world, rank, own_group = _init_distributed(compute.device)
-    model, vae, tokenizer, assets = _build_model(cfg.get("model") or {}, base, seed)
+    model, vae, tokenizer = _build_model(model_source, seed)
+    assets = model_source.assets
     config = model.config  # before any LoRA wrapper
     if lora_cfg is not None:
         torch.manual_seed(seed)  # peft draws the adapters' initial values from the global generator
@@ -477,22 +524,22 @@ def train(
     if rank != 0:
         echo, progress = (lambda s: None), False
 
-    output = Path(output)
     consumed = 0
     if resume:
-        try:
-            consumed = int(load_state(trainer, output / "state", {"packs": 0})["packs"])
-        except FileNotFoundError:
-            raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first") from None
-        except ValueError as e:
-            raise ConfigError(f"--resume: {e}") from None
-        for _ in range(consumed):  # replay the data stream to where it stopped
-            next(packs)
-        _truncate_log(output / "log.jsonl", trainer.step_count)
-        echo(f"resumed at step {trainer.step_count}")
-    elif rank == 0 and ((output / "log.jsonl").exists() or (output / "state").exists()):
-        raise ConfigError(f"{output} already holds a run; continue it with --resume, or choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+        if last_state(output / "state") is None:
+            echo(f"no complete saved state in {output / 'state'} (stopped before its first save): starting at step 0")
+        else:
+            try:
+                consumed = int(load_state(trainer, output / "state", {"packs": 0})["packs"])
+            except ValueError as e:
+                raise ConfigError(f"--resume: {e}") from None
+            for _ in range(consumed):  # replay the data stream to where it stopped
+                next(packs)
+            echo(f"resumed at step {trainer.step_count}")
+        if rank == 0:
+            for path in _remove_leftovers(output, trainer.step_count):
+                echo(f"removed {path} (left by the interrupted run)")
+            _truncate_log(output / "log.jsonl", trainer.step_count)
 
     def export(folder: Path) -> None:
         weights = _export_weights(model, trainer, compute.parallel == "fsdp")  # every rank takes part
@@ -521,10 +568,6 @@ def train(
             consumed += accumulation * world
             tokens += stats.num_tokens
             interval.add(stats)
-            if save_every and stats.step % save_every == 0:
-                save_state(trainer, output / "state", {"packs": consumed})
-            if export_every and stats.step % export_every == 0:
-                export(output / "exports" / f"step-{stats.step:06d}")
             if stats.step % log_every == 0 or stats.step == optim.max_steps:
                 elapsed = time.perf_counter() - t0
                 last = {
@@ -544,6 +587,12 @@ def train(
                 )
                 tokens, t0 = 0, time.perf_counter()
                 interval = _Interval()
+            # the state last: a kill before it is complete resumes from the previous
+            # save, which redoes this step's log record and export identically
+            if export_every and stats.step % export_every == 0:
+                export(output / "exports" / f"step-{stats.step:06d}")
+            if save_every and stats.step % save_every == 0:
+                save_state(trainer, output / "state", {"packs": consumed})
     finally:
         if log_file is not None:
             log_file.close()
@@ -591,10 +640,83 @@ class _Interval:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after ``step`` (logged after the last saved state)."""
+    """Drop log records after ``step`` (logged after the last saved state), and
+    a last line cut short by a kill; the log is replaced atomically."""
+    from openbagel.fileio import write_atomically
+
+    def record_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            return math.inf  # a partial line: dropped
+
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in path.read_text().splitlines() if line and record_step(line) <= step]
+        write_atomically(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    """Check the run folder before any weights load: a fresh run needs a folder
+    that holds no run (created here), ``--resume`` one that does.
+
+    Raises:
+        ConfigError: the path is a file, under a file, not writable or not a
+            valid name; a fresh run into a run folder; ``--resume`` of a folder
+            that holds no run.
+    """
+    import os
+
+    try:
+        is_file = output.exists() and not output.is_dir()
+        holds_run = (output / "log.jsonl").exists() or (output / "state").exists()
+    except OSError as e:  # a name too long
+        raise ConfigError(f"bad --output {str(output)[:80]!r}: {e.strerror}; choose a shorter path") from None
+    if is_file:
+        raise ConfigError(f"--output {output} is a file; give a folder for the run (it is created if missing)")
+    if resume:
+        if not holds_run:
+            raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first")
+        return
+    if holds_run and int(os.environ.get("RANK", "0")) == 0:
+        raise ConfigError(
+            f"{output} already holds a run; continue it with --resume (a run stopped before its first save "
+            "starts again at step 0), or choose another --output"
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the run folder {str(output)[:200]!r}: {e.strerror}; choose another --output"
+        ) from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ConfigError(f"the run folder {output} is not writable; choose another --output")
+
+
+def _remove_leftovers(output: Path, step: int) -> list[Path]:
+    """Delete what a killed run left in its folder, before resuming it at
+    ``step``: interrupted state saves, exports of later steps (the resumed run
+    writes them again, identical), temporary files of interrupted checkpoint
+    writes, of the log. Returns the removed paths; nothing else is touched."""
+    import re
+    import shutil
+
+    from openbagel.checkpoint import remove_temporary_files
+    from openbagel.fileio import remove_stale_temps
+
+    removed = remove_incomplete_states(output / "state")
+    exports = output / "exports"
+    folders = [output / "checkpoint"]
+    for folder in sorted(exports.iterdir()) if exports.is_dir() else []:
+        match = re.fullmatch(r"step-(\d+)", folder.name)
+        if match and folder.is_dir() and int(match.group(1)) > step:
+            shutil.rmtree(folder)
+            removed.append(folder)
+        elif match:
+            folders.append(folder)
+    for folder in folders:
+        removed += remove_temporary_files(folder)
+    removed += remove_stale_temps(output / "log.jsonl")  # an interrupted rewrite of the log (see _truncate_log)
+    return removed
 
 
 @dataclass(frozen=True)

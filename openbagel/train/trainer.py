@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -358,51 +359,134 @@ def _state(trainer: Trainer, extra: dict | None) -> dict:
     }
 
 
-def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> None:
+#: In a run's state folder: the name of the last complete save (a one-line file).
+STATE_POINTER = "latest"
+
+
+def last_state(folder: str | Path) -> Path | None:
+    """The last complete save under a run's state ``folder`` (None when there is none).
+
+    ``folder/latest`` names it (``step-NNNNNN``); a folder from before these
+    versioned saves (DCP files directly in ``folder``) is used as it is.
+    """
+    folder = Path(folder)
+    pointer = folder / STATE_POINTER
+    if pointer.is_file():
+        saved = folder / pointer.read_text().strip()
+        return saved if (saved / ".metadata").is_file() else None
+    return folder if (folder / ".metadata").is_file() else None
+
+
+def remove_incomplete_states(folder: str | Path) -> list[Path]:
+    """Delete what interrupted saves left in a run's state ``folder`` (save
+    folders other than the last complete one, temporary pointer files); returns
+    what was removed. Nothing else in ``folder`` is touched."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    keep = last_state(folder)
+    removed = []
+    for entry in folder.iterdir():
+        if entry.is_dir() and re.fullmatch(r"step-\d+", entry.name) and entry != keep:
+            shutil.rmtree(entry)
+            removed.append(entry)
+        elif entry.is_file() and entry.name.startswith(f".{STATE_POINTER}."):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def save_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> Path:
     """Save everything a run needs to continue exactly (model, optimiser, EMA,
     step, random state, and ``extra``) with ``torch.distributed.checkpoint``
-    (sharded under FSDP, a plain folder on one process)."""
+    (sharded under FSDP: every rank calls it), atomically: the state goes to a
+    new folder ``folder/step-NNNNNN``, then the one-line file ``folder/latest``
+    is replaced to name it, then older saves are deleted. A kill at any moment
+    leaves the previous complete save in place (see :func:`last_state`).
+
+    Returns:
+        the folder of this save.
+    """
+    import shutil
     import warnings
 
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    folder = Path(folder)
+    name = f"step-{trainer.step_count:06d}"
+    target = folder / name
+    if last_state(folder) == target:
+        return target  # this step is saved already (the end of a run that saved at its last step)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and target.exists():
+        shutil.rmtree(target)  # left by a save of this step that was interrupted
+    if dist.is_initialized():
+        dist.barrier()
     state = _state(trainer, extra)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed.*")
-        warnings.filterwarnings("ignore", message=".*existing checkpoint.*")  # a run's state is replaced on purpose
         try:
-            dcp.save(state, checkpoint_id=str(folder))
+            dcp.save(state, checkpoint_id=str(target))
         except Exception as e:  # DCP wraps a Ctrl-C during the write in its own exception
             if "KeyboardInterrupt" in repr(e):
                 raise KeyboardInterrupt from None
             raise
+    if rank0:
+        from openbagel.fileio import write_atomically
+
+        # the switch: os.replace of a one-line file (its temporary name is .latest.*)
+        write_atomically(folder / STATE_POINTER, lambda tmp: Path(tmp).write_text(name + "\n"))
+        for entry in folder.iterdir():  # older saves, and the files of the single-folder layout
+            if entry.is_dir() and re.fullmatch(r"step-\d+", entry.name) and entry != target:
+                shutil.rmtree(entry)
+            elif entry.is_file() and (entry.name == ".metadata" or entry.suffix == ".distcp"):
+                entry.unlink()
+    if dist.is_initialized():
+        dist.barrier()  # every rank sees the switched pointer before the next save
+    return target
 
 
 def load_state(trainer: Trainer, folder: str | Path, extra: dict | None = None) -> dict:
-    """Restore what :func:`save_state` wrote; returns its ``extra``, read into
-    the keys (and types) of the ``extra`` template given here.
+    """Restore the last complete save of :func:`save_state` under ``folder``;
+    returns its ``extra``, read into the keys (and types) of the ``extra``
+    template given here.
 
     Raises:
-        FileNotFoundError: no saved state in ``folder``.
+        FileNotFoundError: no complete saved state in ``folder``.
+        ValueError: the state does not fit this run, or its files are damaged.
     """
+    import pickle
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    if not (Path(folder) / ".metadata").exists():
+    saved = last_state(folder)
+    if saved is None:
         raise FileNotFoundError(f"no saved training state in {folder}")
     state = _state(trainer, extra)  # loaded in place, key by key
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed.*")
-            dcp.load(state, checkpoint_id=str(folder))
+            dcp.load(state, checkpoint_id=str(saved))
         set_state_dict(
             trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
     except (RuntimeError, KeyError, ValueError) as e:
         raise ValueError(
-            f"the saved state in {folder} does not fit this run (was the model, LoRA or EMA setting changed?): {str(e)[:200]}"
+            f"the saved state in {saved} does not fit this run (was the model, LoRA or EMA setting changed?): {str(e)[:200]}"
+        ) from None
+    except (CheckpointException, EOFError, OSError, pickle.UnpicklingError) as e:
+        if isinstance(e, CheckpointException):  # DCP's wrapper of each rank's error
+            e = next(iter(e.failures.values()))[0]
+        cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ValueError(
+            f"the saved state in {saved} is damaged ({cause[:200]}); "
+            f"delete {Path(folder)} and --resume again to restart at step 0"
         ) from None
     trainer.step_count = int(state["trainer"]["step"])
     trainer.generator.set_state(state["trainer"]["generator"])
