@@ -8,23 +8,41 @@ none of it concerns what openbagel runs. Real errors still raise.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+#: The loggers whose import-time records are dropped: the optional libraries
+#: and torch's pytree registry, which torchao's import triggers.
+LOUD_LOGGERS = ("torchao", "bitsandbytes", "diffusers", "transformers", "peft", "accelerate", "torch.utils._pytree")
+
+
 @contextmanager
 def quiet_imports() -> Iterator[None]:
-    """Drop log records below ERROR and ignore warnings, for the ``with`` block (meant for imports).
+    """Drop the records below ERROR of :data:`LOUD_LOGGERS` and ignore
+    warnings, for the ``with`` block (meant for imports).
 
-    A filter on the libraries' loggers would not hold: diffusers configures its
-    loggers while it imports.
+    Only those loggers are raised to ERROR (and diffusers' own verbosity
+    setting, which it applies to its loggers while it imports), never the
+    whole process: a server thread logging a request meanwhile keeps its line
+    (``logging.disable`` dropped it, issue 17).
     """
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in LOUD_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    verbosity = os.environ.get("DIFFUSERS_VERBOSITY")
+    os.environ["DIFFUSERS_VERBOSITY"] = "error"
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logging.disable(previous)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if verbosity is None:
+            os.environ.pop("DIFFUSERS_VERBOSITY", None)
+        else:
+            os.environ["DIFFUSERS_VERBOSITY"] = verbosity

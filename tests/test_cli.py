@@ -176,6 +176,10 @@ def _paths(tmp_path):
         # fits the 255-byte limit, but its temporary name beside it would not
         (["generate", "x", "-o", "{t}/" + "b" * 245 + ".png"], "is too long for this file system (249 bytes; at most"),
         (["generate", "x", "-o", "{file}/o.png"], "output folder '{file}' is a file, not a folder"),
+        (
+            ["generate", "x", "-o", "{folder}"],
+            "output path '{folder}' is a folder; give a file name",
+        ),  # not "extension"
         (["edit", "{folder}", "x", "-o", "{t}/o.png"], "image file '{folder}' is a folder; give a file"),
         (["edit", "{t}/" + LONG + ".png", "x", "-o", "{t}/o.png"], "File name too long; check the path"),
         (["understand", "{folder}", "why?"], "image file '{folder}' is a folder; give a file"),

@@ -73,3 +73,33 @@ def test_cli_help_imports_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_quiet_imports_silence_only_the_libraries(caplog):
+    """While a thread imports the optional libraries quietly, another thread's
+    log lines still come out (the server's request lines were lost while the
+    model loaded: logging.disable acted on the whole process); the libraries'
+    own records below ERROR are dropped."""
+    import logging
+    import threading
+
+    from openbagel.quiet import quiet_imports
+
+    inside, done = threading.Event(), threading.Event()
+
+    def importer():
+        with quiet_imports():
+            logging.getLogger("torchao.kernel").warning("cannot load a CUDA extension")
+            inside.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=importer)
+    with caplog.at_level(logging.INFO):
+        worker.start()
+        assert inside.wait(10)
+        logging.getLogger("openbagel.serve").info("req-1 GET /ready 503")
+        done.set()
+        worker.join()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["req-1 GET /ready 503"]
+    assert logging.getLogger("torchao").level == logging.NOTSET  # restored after the block

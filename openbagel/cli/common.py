@@ -298,10 +298,10 @@ def check_output(path: Path) -> None:
     """
     from openbagel.fileio import temp_name_bytes
 
+    check_output_path(path, "output", temp_bytes=temp_name_bytes(path))  # first: an existing folder is named so
     ext = path.suffix.lower()
     if not _can_write_rgb(Image.registered_extensions().get(ext)):
         raise InvalidInputError(f"cannot write images with extension {ext or '(none)'!r}; use .png, .jpg or .webp")
-    check_output_path(path, "output", temp_bytes=temp_name_bytes(path))
 
 
 def _check_json_output(path: Path) -> None:

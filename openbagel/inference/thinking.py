@@ -4,7 +4,8 @@ whole or streamed (spec section 7, thinking).
 
 The rule: a text that opens with ``<think>`` (after white space) is reasoning
 up to ``</think>``, the answer after it; without the closing tag (the model was
-cut short) it is all reasoning and the answer is empty. A text that does not
+cut short) it is all reasoning and the answer is empty. A tag cut short at the
+end (``<th``, ``</thi``) is dropped, never shown as text. A text that does not
 open with ``<think>`` is all answer (the model did not think), and has no
 reasoning (``None``); a ``</think>`` later in it stays text.
 """
@@ -54,10 +55,14 @@ class ReasoningSplitter:
         return [(k, t) for k, t in out if t]
 
     def flush(self) -> list[tuple[str, str]]:
-        """What is held back at the end: reasoning cut short, or a text too
-        short to have opened with ``<think>`` (an answer)."""
+        """What is held back at the end. Held back are only the first letters
+        of a tag, so the text was cut short inside it (a model whose tags are
+        several tokens, stopped by ``max_tokens``): a cut ``<think>`` opened
+        the reasoning, a cut ``</think>`` ends it, and neither is text."""
         text, self.buffer = self.buffer, ""
-        return [("reasoning" if self.state == "reasoning" else "content", text)] if text else []
+        if self.state == "start" and text.strip():
+            self.opened, self.state = True, "reasoning"  # "<th": reasoning, empty so far
+        return []
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:

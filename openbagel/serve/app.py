@@ -90,6 +90,21 @@ class ImageEditRequest(_ImageKnobs):
     style: str | None = None  # a style preset (outline, pixel, invert) instead of a prompt
 
 
+def _edit_form_schema() -> dict:
+    """The OpenAPI request body of ``images/edits`` (the route reads its multipart
+    form itself, so /docs would show no fields): the image files and the fields
+    of :class:`ImageEditRequest`, as text form fields."""
+    schema = ImageEditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    properties = {
+        "image": {"type": "string", "format": "binary", "description": "the image to edit"},
+        "image[]": {**files, "description": "several images: the first is edited, the others join the context"},
+        **schema.get("properties", {}),
+    }
+    form = {"type": "object", "properties": properties, "required": ["image"]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
 class _ImageURL(_Body):
     url: str
     detail: Literal["auto", "low", "high"] | None = None  # accepted; images are always read at the model's size
@@ -562,7 +577,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         results = await engine.run(work, Job(metrics), request.is_disconnected)
         return image_response(results, used, body)
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra=_edit_form_schema())
     async def images_edits(request: Request):
         """Edit one or several uploaded images (multipart ``image``/``image[]`` and ``prompt``)."""
         p = engine.require_pipe()

@@ -20,7 +20,7 @@ Config (paths relative to the config file)::
     optim: {lr: 1e-4, warmup_steps: 10, max_steps: 100, schedule: cosine}
     lora: {r: 16, alpha: 32, merge: true}   # optional: train adapters only
     log_every: 10
-    save_every: 500     # resumable state (state/) every N steps and at the end
+    save_every: 500     # resumable state (state/) every N steps and at the end (default 0: at the end only)
     export_every: 0     # N > 0: also export the (EMA) weights to exports/step-N/ every N steps
     seed: 0
     device: auto        # auto (cuda when there is one, else cpu), cpu, cuda
