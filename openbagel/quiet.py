@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-
 #: The loggers whose import-time records are dropped: the optional libraries
 #: and torch's pytree registry, which torchao's import triggers.
 LOUD_LOGGERS = ("torchao", "bitsandbytes", "diffusers", "transformers", "peft", "accelerate", "torch.utils._pytree")
