@@ -31,9 +31,7 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        set_umask_mode(Path(tmp))
         os.replace(tmp, path)
     except InvalidInputError:
         Path(tmp).unlink(missing_ok=True)
@@ -44,6 +42,15 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def set_umask_mode(path: Path) -> None:
+    """Give a file the permissions a plain ``open()`` would (``0o666`` less the
+    umask): temporary files and safetensors' ``save_file`` make them ``0o600``,
+    which a server running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 #: Random characters ``tempfile.mkstemp`` puts between the prefix and the suffix.

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from openbagel.errors import CheckpointError, InvalidInputError
-from openbagel.fileio import remove_stale
+from openbagel.fileio import remove_stale, set_umask_mode
 from openbagel.quiet import quiet_imports
 from openbagel.weights import check_finite
 
@@ -349,6 +349,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, source: str | Path, out: s
         sd = {k: v.contiguous() if type(v) is Tensor else v for k, v in model.state_dict().items()}
         tensors, metadata = _flatten(sd)
         save_file(tensors, str(tmp / QUANT_WEIGHTS), metadata=metadata)
+        set_umask_mode(tmp / QUANT_WEIGHTS)  # save_file makes it 0o600
         info = {"format": 1, "quantization": str(spec), "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out.is_dir():

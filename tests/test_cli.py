@@ -233,6 +233,14 @@ def test_missing_parents_of_a_new_folder_are_still_created(tmp_path):
 # --- leftovers of killed runs ------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _dead_pid() -> int:
     import subprocess
     import sys
@@ -284,6 +292,9 @@ def test_quantize_removes_its_dead_partial_folders_only(tmp_path):
     r = runner.invoke(app, ["quantize", "--quant", "llm=int8", "-o", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "q" / "quantization.json").is_file() and not stale.exists()
+    # the weights are as readable as the other files (safetensors wrote them 0o600)
+    mode = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "q").iterdir()}
+    assert mode["model.quantized.safetensors"] == mode["quantization.json"] == 0o666 & ~_umask()
     assert all((f / "model.quantized.safetensors").read_bytes() == b"half" for f in kept) and as_file.is_file()
 
 

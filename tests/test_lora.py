@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from openbagel.checkpoint import load_vae
@@ -39,6 +41,10 @@ def test_only_adapters_train_and_merge_is_exact(tmp_path, tiny_dir):
     with torch.no_grad():
         with_adapter = model(seg)
     save_adapter(model, tmp_path / "adapter")
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "adapter").iterdir()}
+    assert modes["adapter_model.safetensors"] == 0o666 & ~umask, modes  # safetensors writes 0o600
     fresh = new_model(CFG, seed=7)
     with torch.no_grad():
         plain = fresh(seg)

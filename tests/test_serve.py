@@ -504,6 +504,35 @@ def test_images_are_decoded_only_once_admitted(shapes_pipe, monkeypatch):
         c.__exit__(None, None, None)
 
 
+def test_a_full_queue_refuses_before_the_body_is_read(shapes_pipe, monkeypatch):
+    """A burst of large bodies the queue cannot take was read, parsed and its
+    base64 decoded before the 429 (1.2 GB stayed resident after 32 bodies of
+    17 MB); a model request now meets the full queue before its body is read."""
+    from openbagel.serve import app as app_module
+
+    reads = []
+    real = app_module._Guard._read_body
+    monkeypatch.setattr(app_module._Guard, "_read_body", lambda self, *a: reads.append(1) or real(self, *a))
+    c = _client(shapes_pipe, max_queue=0)
+    engine = c.app.state.engine
+    try:
+        msgs = [{"role": "user", "content": "which colour?"}]
+        engine.running += 1  # the only slot is busy and nothing may wait
+        for route, kw in (
+            ("/v1/chat/completions", {"json": {"messages": msgs}}),
+            ("/v1/images/generations", {"json": {"prompt": "a red circle"}}),
+            ("/v1/images/edits", {"files": {"image": ("a.png", png_bytes(scene_image()), "image/png")}}),
+        ):
+            r = c.post(route, **kw)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", route
+        assert reads == []
+        assert c.get("/v1/models").status_code == 200 and len(reads) == 1  # other routes are not held up
+        engine.running -= 1
+        assert c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}).status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
 def test_mask_is_refused(client):
     png = png_bytes(scene_image())
     r = client.post(
@@ -923,3 +952,11 @@ def test_threads_per_slot_share_the_available_cores(monkeypatch, tmp_path):
     assert ServeSettings(max_concurrency=4, threads=3).threads_per_slot == 3
     with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
         ServeSettings(threads=0)
+    assert ServeSettings(max_concurrency=2, threads=512).threads_per_slot == 512
+    # --threads 100000 crashed the server (no thread could be started)
+    with pytest.raises(
+        ValueError, match=r"threads 100000 x max_concurrency 1 is more than 1024 threads in all; use at most"
+    ):
+        ServeSettings(threads=100000)
+    with pytest.raises(ValueError, match="threads 600 x max_concurrency 2 is more than 1024"):
+        ServeSettings(max_concurrency=2, threads=600)

@@ -141,13 +141,14 @@ def test_video_rows_are_refused_with_their_number(tmp_path, builder):
         ],
     }
     tag_only = {"conversations": [{"from": "human", "value": "<video> what?"}, {"from": "gpt", "value": "x"}]}
-    rows = [good, video, good, tag_only]
+    plural = {"videos": ["clip.mp4"], "conversations": turns[:1] + [{"from": "gpt", "value": "<VIDEO>"}]}
+    rows = [good, video, good, tag_only, plural]
     (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"v.jsonl, row 2: video rows \('video', <video>\) are not supported"):
+    with pytest.raises(DataError, match=r"v.jsonl, row 2: video rows \('video', 'videos', <video>\) are not supported"):
         list(read_conversations(tmp_path / "v.jsonl", builder))
     skipped = []
     samples = list(read_conversations(tmp_path / "v.jsonl", builder, on_error=skipped.append))
-    assert len(samples) == 2 and [e.row for e in skipped] == [2, 4]
+    assert len(samples) == 2 and [e.row for e in skipped] == [2, 4, 5]
 
 
 def test_record_source(builder):

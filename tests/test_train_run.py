@@ -155,7 +155,12 @@ def test_exact_resume(tmp_path, tiny_dir):
     log_b = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert log_b == [1, 2, 3, 4, 5, 6]
     r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "c"), "--resume"])
-    assert r.exit_code == 2 and "no saved state" in r.output
+    assert r.exit_code == 2 and "no run folder" in r.output and "run without --resume first" in r.output
+    # a run killed while its model was built leaves an empty folder: --resume starts it at step 0
+    (tmp_path / "d").mkdir()
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "d"), "--resume", "--max-steps", "1"])
+    assert r.exit_code == 0 and "starting at step 0" in r.output, r.output
+    assert (tmp_path / "d" / "checkpoint" / "ema.safetensors").is_file()
 
 
 def test_lora_run_and_adapter_loading(tmp_path, tiny_dir):
@@ -547,6 +552,7 @@ def test_bad_paths_are_refused_before_the_model_is_built(tmp_path, tiny_dir, mon
     assets = {"init": "scratch", "preset": "tiny-golden"}
     cases = [
         ({}, tmp_path / "afile", "--output", "is a file; give a folder for the run"),
+        ({}, "", "--output '.' is empty or names no folder", "give a folder for the run"),  # was the cwd
         ({}, tmp_path / "afile" / "run", "--output", "cannot create the run folder"),
         ({}, tmp_path / long, "--output", "File name too long"),
         ({"data": [{"kind": "llava_jsonl", "path": long}]}, None, "data[0]", "File name too long"),
@@ -556,7 +562,7 @@ def test_bad_paths_are_refused_before_the_model_is_built(tmp_path, tiny_dir, mon
     ]
     for overrides, output, where, message in cases:
         cfg = _config(tmp_path, tiny_dir, **overrides)
-        r = runner.invoke(app, ["train", str(cfg), "-o", str(output or tmp_path / "o")])
+        r = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "o" if output is None else output)])
         assert r.exit_code == 2 and where in r.output and message in r.output, (overrides, output, r.output)
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "o")])

@@ -213,11 +213,13 @@ def _validation_error(errors: list[dict]) -> RequestError:
 
 class _Guard:
     """ASGI middleware: request id (``x-request-id``), the API key on ``/v1``,
-    the body size limit (the body is read here, then replayed), one log line
-    and the request metrics per request."""
+    a full queue (429 for a model request before its body is read: a burst of
+    large bodies the queue refuses holds no memory), the body size limit (the
+    body is read here, then replayed), one log line and the request metrics per
+    request. The route's own :meth:`Engine.admit` still decides."""
 
-    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics, engine: Engine):
+        self.app, self.settings, self.metrics, self.engine = app, settings, metrics, engine
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].startswith("/ui"):
@@ -272,6 +274,8 @@ class _Guard:
                     "invalid_request_error",
                     code="invalid_api_key",
                 )
+        if scope["method"] == "POST" and scope["path"] in _ENGINE_ROUTES and self.engine.full:
+            return _queue_full(self.settings)
         return None
 
     async def _read_body(self, scope, receive) -> tuple[bytes, JSONResponse | None]:
@@ -327,6 +331,19 @@ class _Guard:
         log.info("%s %s %s %d %.0f ms%s", rid, scope["method"], path, code, seconds * 1000, extra)
 
 
+def _queue_full(settings: ServeSettings) -> JSONResponse:
+    return _error(
+        429,
+        f"the server is busy ({settings.max_queue} requests already wait); retry after a moment",
+        "rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": "1"},
+    )
+
+
+#: The routes whose requests run the model (and wait in its queue).
+_ENGINE_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/chat/completions")
+
 _ROUTES = (
     "/v1/images/generations",
     "/v1/images/edits",
@@ -380,7 +397,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     # the package, not from a CDN, so the documented route works offline
     app = FastAPIOffline(title="openbagel", summary="BAGEL behind an OpenAI-compatible API", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
-    app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    app.add_middleware(_Guard, settings=settings, metrics=metrics, engine=engine)
 
     # -- errors -----------------------------------------------------------
 
@@ -408,13 +425,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
 
     @app.exception_handler(QueueFull)
     async def _full(request, e: QueueFull):
-        return _error(
-            429,
-            f"the server is busy ({settings.max_queue} requests already wait); retry after a moment",
-            "rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": "1"},
-        )
+        return _queue_full(settings)
 
     @app.exception_handler(NotReady)
     async def _not_ready(request, e: NotReady):

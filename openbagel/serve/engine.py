@@ -167,6 +167,11 @@ class Engine:
 
     # -- admission and running -------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`admit` would refuse now (every slot busy, ``max_queue`` waiting)."""
+        return self.waiting + self.running >= self.max_queue + self.max_concurrency
+
     def admit(self) -> None:
         """Take a place in the queue, synchronously (call it before the first ``await``).
 
@@ -175,7 +180,7 @@ class Engine:
             QueueFull: ``max_queue`` requests already wait and every slot is busy.
         """
         self.require_pipe()
-        if self.waiting + self.running >= self.max_queue + self.max_concurrency:
+        if self.full:
             raise QueueFull()
         self.waiting += 1
         self._gauges()

@@ -61,6 +61,10 @@ class Limits:
                 raise ValueError(f"{f.name} must be a whole number >= 1, got {v!r}")
 
 
+#: The most PyTorch threads the engine slots may start in all.
+MAX_THREADS = 1024
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """How the server runs.
@@ -109,6 +113,12 @@ class ServeSettings:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {t!r}")
+        if t is not None and isinstance(self.max_concurrency, int) and t * self.max_concurrency > MAX_THREADS:
+            # tens of thousands of threads crash the process (thread creation fails in libgomp)
+            raise ValueError(
+                f"threads {t} x max_concurrency {self.max_concurrency} is more than {MAX_THREADS} threads in all; "
+                f"use at most the CPU cores ({available_cores()} here)"
+            )
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:

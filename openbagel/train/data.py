@@ -229,10 +229,10 @@ def read_conversations(path: str | Path, builder: SampleBuilder, on_error: OnErr
                 ):
                     raise ValueError("each turn needs 'from' (human or gpt) and a text 'value'")
                 turns.append((turn["from"], turn["value"]))
-            if "video" in record or any("<video>" in value for _, value in turns):
+            if {"video", "videos"} & set(record) or any("<video>" in value.lower() for _, value in turns):
                 # not dropped in silence: the clip would be lost and <video> trained as text
                 raise ValueError(
-                    "video rows ('video', <video>) are not supported; give the frames as 'image' "
+                    "video rows ('video', 'videos', <video>) are not supported; give the frames as 'image' "
                     "files with one <image> tag each, or skip such rows with --skip-bad-rows"
                 )
             yield builder.conversation(images, turns)

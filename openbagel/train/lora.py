@@ -38,8 +38,14 @@ def add_lora(
 
 
 def save_adapter(peft_model, folder: str | Path) -> Path:
-    """Write the adapter weights and config (``adapter_model.safetensors``, ``adapter_config.json``)."""
+    """Write the adapter weights and config (``adapter_model.safetensors``, ``adapter_config.json``),
+    readable as the umask allows (safetensors writes its files ``0o600``)."""
+    from openbagel.fileio import set_umask_mode
+
     peft_model.save_pretrained(str(folder))
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            set_umask_mode(f)
     return Path(folder)
 
 

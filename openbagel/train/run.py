@@ -481,6 +481,11 @@ def train(
         raise ConfigError("export_every does not apply to LoRA runs (the adapter is saved at the end); remove it")
     model_source = _model_source(cfg.get("model") or {}, base)
     output = Path(output)
+    if not str(output).strip() or output.name in ("", ".", ".."):  # "" reaches here as "."
+        raise ConfigError(
+            f"--output {str(output)!r} is empty or names no folder of its own (it would fill the one "
+            "it names); give a folder for the run (it is created if missing)"
+        )
     _check_output(output, resume)  # before the weights load
     world, rank, own_group = _init_distributed(compute.device)
     model, vae, tokenizer = _build_model(model_source, seed)
@@ -662,7 +667,7 @@ def _check_output(output: Path, resume: bool) -> None:
     Raises:
         ConfigError: the path is a file, under a file, not writable or not a
             valid name; a fresh run into a run folder; ``--resume`` of a folder
-            that holds no run.
+            that does not exist.
     """
     import os
 
@@ -674,8 +679,8 @@ def _check_output(output: Path, resume: bool) -> None:
     if is_file:
         raise ConfigError(f"--output {output} is a file; give a folder for the run (it is created if missing)")
     if resume:
-        if not holds_run:
-            raise ConfigError(f"--resume: no saved state in {output / 'state'}; run without --resume first")
+        if not holds_run and not output.is_dir():  # a run killed before it wrote anything starts at step 0
+            raise ConfigError(f"--resume: no run folder {output}; run without --resume first")
         return
     if holds_run and int(os.environ.get("RANK", "0")) == 0:
         raise ConfigError(
