@@ -321,6 +321,26 @@ def test_generate_n_writes_numbered_files_with_consecutive_seeds(tmp_path, model
     assert r.exit_code == 2 and "-n/--num-images must be from 1 to 64, got 0" in r.output
 
 
+def test_generate_without_a_seed_prints_the_seeds_it_drew(tmp_path, model_args):
+    """Without --seed the images could not be made again (their seeds were never shown)."""
+    import re
+
+    r = runner.invoke(
+        app, ["generate", "a red circle", "-n", "2", "--steps", "3", "-o", str(tmp_path / "r.png"), *model_args]
+    )
+    assert r.exit_code == 0, r.output
+    seeds = [int(s) for s in re.findall(r"wrote \S+ \(\d+x\d+, seed (\d+)\)", r.output)]
+    assert len(seeds) == 2 and seeds[1] == seeds[0] + 1
+    again = tmp_path / "again.png"
+    r = runner.invoke(
+        app, ["generate", "a red circle", "--seed", str(seeds[1]), "--steps", "3", "-o", str(again), *model_args]
+    )
+    assert r.exit_code == 0 and f"seed {seeds[1]})" in r.output
+    # image 1 of the batch, made again alone: equal up to float rounding (a batch vs a single run)
+    batch, single = (np.asarray(Image.open(p)).astype(int) for p in (tmp_path / "r-1.png", again))
+    assert np.abs(batch - single).max() <= 2
+
+
 def test_edit_and_understand_take_several_images(tmp_path, model_args, pipe):
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     Image.new("RGB", (64, 64), (255, 0, 0)).save(first)

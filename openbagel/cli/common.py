@@ -348,12 +348,21 @@ def _load_inputs(paths: list[Path]) -> list[Image.Image]:
     return [load_image(path) for path in paths]
 
 
-def _write_result(result, outputs: list[Path]) -> None:
+def pick_seed(seed: int | None) -> int:
+    """``seed``, or a random one when none is given, so that every image the
+    CLI writes can be made again (its seed is printed with it)."""
+    import secrets
+
+    return seed if seed is not None else secrets.randbelow(2**31)
+
+
+def _write_result(result, outputs: list[Path], seed: int) -> None:
+    """Write each image (image k was drawn with ``seed + k``) and say where, with its seed."""
     if result.reasoning is not None:
         typer.echo(f"reasoning: {result.reasoning}")
-    for image, output in zip(result.images, outputs, strict=True):
+    for k, (image, output) in enumerate(zip(result.images, outputs, strict=True)):
         save_image(image, output)
-        typer.echo(f"wrote {output} ({image.width}x{image.height})")
+        typer.echo(f"wrote {output} ({image.width}x{image.height}, seed {seed + k})")
 
 
 def _load(

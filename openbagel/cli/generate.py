@@ -46,6 +46,7 @@ from openbagel.cli.common import (
     check_output_path,
     flag,
     numbered_outputs,
+    pick_seed,
 )
 from openbagel.errors import InvalidInputError
 
@@ -86,20 +87,21 @@ def generate(
         for path in outputs:
             check_output(path)
         step_cache = _step_cache(cache, cache_interval, cache_order, cache_warmup)
-        _check_image_settings(model, device, dtype, "t2i", height, width, seed, sampling)
+        chosen = pick_seed(seed)  # printed with each image
+        _check_image_settings(model, device, dtype, "t2i", height, width, chosen, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         result = pipe.text_to_image(
             prompt,
             height=height,
             width=width,
-            seed=seed,
+            seed=chosen,
             think=think,
             progress=True,
             **sampling,
             step_cache=step_cache,
             num_images_per_prompt=num_images,
         )
-        _write_result(result, outputs)
+        _write_result(result, outputs, chosen)
 
     _run(body)
 
@@ -152,7 +154,8 @@ def edit(
         prompt = style_instruction(instruction, style)
         # fail on a bad image or setting before loading the weights
         source, *more = _load_inputs([image, *more_images])
-        _check_image_settings(model, device, dtype, "edit", height, width, seed, sampling)
+        chosen = pick_seed(seed)  # printed with each image
+        _check_image_settings(model, device, dtype, "edit", height, width, chosen, sampling)
         pipe = _load(model, device, dtype, adapter, kv_cache_budget, quant, offload, parallel)
         result = pipe.edit(
             source,
@@ -160,14 +163,14 @@ def edit(
             images=more,
             height=height,
             width=width,
-            seed=seed,
+            seed=chosen,
             think=think,
             progress=True,
             **sampling,
             step_cache=step_cache,
             num_images_per_prompt=num_images,
         )
-        _write_result(result, outputs)
+        _write_result(result, outputs, chosen)
 
     _run(body)
 
