@@ -53,8 +53,9 @@ def set_umask_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-#: Random characters ``tempfile.mkstemp`` puts between the prefix and the suffix.
-_TEMP_RANDOM = r"[a-z0-9_]{8}"
+#: How many random characters ``tempfile.mkstemp`` puts between the prefix and the suffix.
+_TEMP_RANDOM_CHARS = 8
+_TEMP_RANDOM = rf"[a-z0-9_]{{{_TEMP_RANDOM_CHARS}}}"
 
 
 def temp_prefix(path: Path) -> str:
@@ -65,7 +66,7 @@ def temp_prefix(path: Path) -> str:
 def temp_name_bytes(path: Path) -> int:
     """Length in bytes of the temporary file name :func:`write_atomically` uses for ``path``
     (the longest name written in ``path``'s folder, to check against the file system's limit)."""
-    return len(os.fsencode(temp_prefix(path))) + 8 + len(os.fsencode(path.suffix))
+    return len(os.fsencode(temp_prefix(path))) + _TEMP_RANDOM_CHARS + len(os.fsencode(path.suffix))
 
 
 def pid_alive(pid: int) -> bool:

@@ -113,8 +113,9 @@ NumImagesOpt = typer.Option(
     1,
     "--num-images",
     "-n",
-    help="Images to make in one batch, with seeds SEED, SEED+1, ... (random ones without --seed); more than one "
-    "are written as NAME-0.EXT, NAME-1.EXT, ... (the number is the seed offset, zero-padded to one width).",
+    help="Images to make in one batch, with seeds SEED, SEED+1, ... (without --seed a random SEED, printed with "
+    "each file); more than one are written as NAME-0.EXT, NAME-1.EXT, ... (the number is the seed offset, "
+    "zero-padded to one width).",
 )
 MoreImagesOpt = typer.Option(
     [],

@@ -847,7 +847,6 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
     turns: list[tuple[str, list]] = []
     system: list[str] = []
     texts: list[str] = []
-    n_images = 0
     uploads: list[Upload] = []
     for i, m in enumerate(body.messages):
         if m.content is None or m.content == [] or (m.role == "user" and m.content == ""):
@@ -871,8 +870,7 @@ async def _read_messages(body: ChatRequest, limits) -> tuple[list[tuple[str, lis
                     raise RequestError(
                         f"{where}.image_url is required for an image_url part", param=where, code="invalid_value"
                     )
-                n_images += 1
-                if n_images > limits.max_images:
+                if len(uploads) == limits.max_images:
                     raise RequestError(
                         f"at most {limits.max_images} images per request", param=where, code="invalid_value"
                     )

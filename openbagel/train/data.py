@@ -12,7 +12,7 @@ Formats:
 * understanding / chat JSONL in the LLaVA style: ``{"image": path | [paths],
   "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from":
   "gpt", "value": "..."}]}``, image paths relative to the JSONL file (rows
-  with a ``video`` field or a ``<video>`` tag are refused: give the frames as images);
+  with a ``video`` or ``videos`` field or a ``<video>`` tag are refused: give the frames as images);
 * any Python iterable of such records (:class:`RecordSource`), for procedural data.
 
 Every record error names the file and the row.
