@@ -605,7 +605,12 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
             layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
         )
 
-    cfg = BagelConfig(llm=llm_cfg, vit=vit_cfg)
+    # the default ViT transform's stride (14) fits only ViT patches dividing it;
+    # another patch size starts from its own stride until openbagel.json sets the transform
+    default_vit = BagelConfig.__dataclass_fields__["vit_transform"].default
+    if default_vit.stride % vit_cfg.patch_size:
+        default_vit = replace(default_vit, stride=vit_cfg.patch_size)
+    cfg = BagelConfig(llm=llm_cfg, vit=vit_cfg, vit_transform=default_vit)
     for name, apply in ((OPENBAGEL_EXTRA, _apply_openbagel_extra), (GOLDEN_EXTRA, _apply_golden_extra)):
         if (folder / name).exists():
             with _config_errors(folder / name):

@@ -327,3 +327,22 @@ def test_non_finite_adapter_weights_are_refused(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: tensor '.*lora_B.*' holds 1 NaN"):
         load_adapter(new_model(preset("tiny-golden")), tmp_path / "adapter")
+
+
+def test_vit_patch_size_other_than_14_round_trips(tmp_path, tiny_dir):
+    """A checkpoint whose ViT patch (8) does not divide the published ViT
+    stride (14) loads with the transform its openbagel.json names (it was
+    refused: the default transform was checked before the file was read)."""
+    from dataclasses import replace
+
+    from openbagel.checkpoint import save_checkpoint
+    from openbagel.config import ImageTransformConfig
+    from openbagel.model.vae import BagelVAE
+    from openbagel.train.trainer import new_model
+
+    base = preset("tiny-golden")
+    cfg = replace(base, vit=replace(base.vit, patch_size=8), vit_transform=ImageTransformConfig(64, 32, 8))
+    save_checkpoint(tmp_path / "ckpt", new_model(cfg), BagelVAE(cfg.vae), tokenizer_dir=tiny_dir)
+    loaded = config_from_checkpoint(tmp_path / "ckpt")
+    assert loaded.vit.patch_size == 8 and loaded.vit_transform == ImageTransformConfig(64, 32, 8)
+    assert loaded == cfg

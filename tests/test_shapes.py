@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -77,6 +78,18 @@ def test_train_split_never_shows_held_out_pairs_or_relations():
             assert not any(f"{a} {rel} the " in q and q.endswith(f" {b}?") for a, rel, b in world.HELD_OUT_RELATIONS), q
     held = world.held_out_scene(rng)
     assert any((o.color, o.shape) in world.HELD_OUT_PAIRS for o in held.objects)
+
+
+def test_split_all_shows_every_pair_and_relation():
+    """The shipped model's data (split all) holds the held-out pairs and
+    relations too; the train split never does (above)."""
+    pairs, relations = set(), set()
+    for record in world.WorldSource(count=3000, seed=0, split="all", tasks=("t2i",), unspecified="default")():
+        caption = record["caption"]
+        pairs |= {(c, sh) for c, sh in world.HELD_OUT_PAIRS if f"{c} {sh}" in caption}
+        relations |= {(a, r, b) for a, r, b in world.HELD_OUT_RELATIONS if re.search(rf"{a} {r} an? \w+ {b}$", caption)}
+    assert pairs == set(world.HELD_OUT_PAIRS)
+    assert relations == set(world.HELD_OUT_RELATIONS)
 
 
 def test_captions_and_questions_describe_the_scene():

@@ -99,7 +99,7 @@ def _config(tmp_path, tiny_dir, **overrides) -> Path:
         ({"optim": {"betas": 0.9}}, "'optim.betas' must be a pair of numbers"),
         ({"optim": {"lr": "fast"}}, "'optim.lr' must be float"),
         ({"data": [{"kind": "shapes", "tasks": ["dance"]}]}, "unknown shapes task(s) ['dance']"),
-        ({"data": [{"kind": "shapes", "split": "val"}]}, "split must be train or test"),
+        ({"data": [{"kind": "shapes", "split": "val"}]}, "split must be one of train, test, all"),
         ({"data": [{"kind": "shapes", "unspecified": "centre"}]}, "unspecified must be 'random' or 'default'"),
         ({"data": [{"kind": "Shapes", "count": 10, "unspecified": "default"}]}, "unknown kind 'Shapes'"),
         ({"data": [{"kind": "shapes", "tasks": ["t2i"], "weights": [1, 2]}]}, "one finite number >= 0 per task"),

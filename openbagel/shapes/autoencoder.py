@@ -24,13 +24,16 @@ from openbagel.shapes import world
 SHAPES_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=16, norm_groups=8)
 
 
-def world_images(rng: random.Random, n: int, size: int = world.IMAGE_SIZE, split: str = "train") -> Tensor:
+def world_images(
+    rng: random.Random, n: int, size: int = world.IMAGE_SIZE, split: str = "train", style_fraction: float = 0.2
+) -> Tensor:
     """``[n, 3, size, size]`` float32 in [-1, 1]: every kind of image the world
-    makes (scenes, style edits, clip frames), in proportion."""
+    makes: scenes, a ``style_fraction`` of style edits (outline, pixel,
+    invert), a fifth of clip frames, in proportion."""
     out = []
     for _ in range(n):
         u = rng.random()
-        if u < 0.6:
+        if u < 0.8 - style_fraction:
             img = world.render(world.random_scene(rng, split), size)
         elif u < 0.8:
             img = world.render(world.random_scene(rng, split), size, rng.choice(world.STYLES))
@@ -74,6 +77,8 @@ def train_autoencoder(
     save_to: str | Path | None = None,
     crop: int = 32,
     full_fraction: float = 0.1,
+    split: str = "train",
+    style_fraction: float = 0.2,
 ) -> BagelVAE:
     """Train the autoencoder on fresh world images each step (MSE + 0.1 L1 +
     ``kl_weight`` KL, posterior sampled), AdamW with a cosine schedule; then fit
@@ -86,6 +91,8 @@ def train_autoencoder(
         crop: train on random ``crop`` x ``crop`` crops (4x cheaper at 32 than
             whole 64-px images; the network is convolutional) ...
         full_fraction: ... except for this last fraction of the steps, on whole images.
+        split: the world split the images come from (``all``: every colour-shape pair).
+        style_fraction: share of style-edited images (outline, pixel, invert) in each batch.
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -106,7 +113,7 @@ def train_autoencoder(
 
         bar = tqdm(bar, desc="autoencoder", unit="step")
     for step in bar:
-        x = world_images(rng, batch)
+        x = world_images(rng, batch, split=split, style_fraction=style_fraction)
         if crop and step < steps * (1 - full_fraction) and crop < x.shape[-1]:
             top, left = rng.randrange(x.shape[-2] - crop + 1), rng.randrange(x.shape[-1] - crop + 1)
             x = x[:, :, top : top + crop, left : left + crop]
@@ -166,6 +173,8 @@ def main() -> None:
     parser.add_argument("--init", type=Path, help="continue from this folder's ae.safetensors")
     parser.add_argument("--crop", type=int, default=32, help="train on crops of this size (0 = whole images)")
     parser.add_argument("--full-fraction", type=float, default=0.1, help="last fraction of steps on whole images")
+    parser.add_argument("--split", default="train", choices=world.SPLITS, help="world split of the training images")
+    parser.add_argument("--style-fraction", type=float, default=0.2, help="share of style-edited images")
     args = parser.parse_args()
     init = None
     if args.init is not None:
@@ -182,6 +191,8 @@ def main() -> None:
         save_to=args.out,
         crop=args.crop,
         full_fraction=args.full_fraction,
+        split=args.split,
+        style_fraction=args.style_fraction,
     )
     path = args.out / "ae.safetensors"
     held_out = world_images(random.Random(10_000 + args.seed), 512, split="test")

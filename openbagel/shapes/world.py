@@ -50,6 +50,12 @@ HELD_OUT_PAIRS = frozenset({("purple", "triangle"), ("orange", "circle"), ("gree
 #: Relation captions ``(shape, relation, shape)`` that never appear in the train split.
 HELD_OUT_RELATIONS = frozenset({("triangle", "above", "circle"), ("square", "left of", "diamond")})
 
+#: The world's splits: ``train`` leaves out the held-out pairs and relations (a
+#: model trained on it measures composition); ``test`` and ``all`` hold every
+#: combination (``test`` names the held-out eval items, ``all`` the data of the
+#: shipped model, which has no blind spots).
+SPLITS = ("train", "test", "all")
+
 Cell = tuple[int, int]  # (row, col), 0-based from the top left
 
 
@@ -107,7 +113,7 @@ class Scene:
         return [(r, c) for r in range(3) for c in range(3) if (r, c) not in used]
 
     def in_split(self, split: str) -> bool:
-        """Whether the scene may appear in ``split`` (``train`` excludes held-out pairs)."""
+        """Whether the scene may appear in ``split`` (see :data:`SPLITS`; ``train`` excludes held-out pairs)."""
         return split != "train" or not any((o.color, o.shape) in HELD_OUT_PAIRS for o in self.objects)
 
 
@@ -697,8 +703,8 @@ class WorldSource:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.count < 1 or self.seed < 0 or self.size < 16:
             raise ValueError("count must be >= 1, seed >= 0 and size >= 16")
-        if self.split not in ("train", "test"):
-            raise ValueError(f"split must be train or test, got {self.split!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         _check_unspecified(self.unspecified)
 
     def __call__(self) -> Iterator[dict]:

@@ -85,11 +85,27 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
 # --- initialisation ------------------------------------------------------------
 
 
+#: Standard deviation of the ViT's learned position table at initialisation
+#: (its patch embedding starts at about the pixels' scale, 0.6-0.9 per channel).
+VIT_POSITION_STD = 0.3
+
+
 @torch.no_grad()
 def init_weights(model: Bagel, std: float = 0.02, seed: int = 0) -> Bagel:
     """Random initialisation for training from scratch: linear and embedding
     weights ``N(0, std)``, biases 0, norm scales 1; then the generation
-    expert becomes a copy of the understanding expert (as the paper does)."""
+    expert becomes a copy of the understanding expert (as the paper does).
+
+    The projections that bring image content and timesteps into the model
+    (ViT patch embedding, connector, ``vae2llm``, timestep embedder) start at
+    ``N(0, 1/fan_in)`` instead, so their outputs are about as large as their
+    inputs: their sum with the fixed sin-cos position table (norm
+    ``sqrt(hidden/2)``, 8 at hidden 128) then carries the content. At
+    ``N(0, 0.02)`` a 128-wide model's ViT tokens were 96% position, and a
+    model trained on questions alone learned answers that need a location
+    more slowly (openbagel/assets/shapes/MODEL_CARD.md, probes). The ViT's
+    learned position table starts at ``N(0, VIT_POSITION_STD)``.
+    """
     g = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -101,6 +117,14 @@ def init_weights(model: Bagel, std: float = 0.02, seed: int = 0) -> Bagel:
             module.bias.zero_()
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
+    embeddings = model.vit_model.vision_model.embeddings
+    inputs = (embeddings.patch_embedding, model.connector.fc1, model.connector.fc2, model.vae2llm)
+    for linear in (*inputs, model.time_embedder.mlp[0], model.time_embedder.mlp[2]):
+        fan_in = linear.weight.shape[1]
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) / math.sqrt(fan_in))
+    embeddings.position_embedding.weight.copy_(
+        torch.randn(embeddings.position_embedding.weight.shape, generator=g) * VIT_POSITION_STD
+    )
     copy_understanding_to_generation(model)
     return model
 
