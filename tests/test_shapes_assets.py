@@ -77,3 +77,24 @@ def test_checker_reads_scenes_through_the_autoencoder(vae):
             x = to_tensor(run_item(GroundTruth(), item))[None]
             right += score_item(item, to_pil(vae.decode(vae.encode(x))[0]))
     assert right / len(items) >= MIN_READ_BACK
+
+
+def test_decoder_only_training_keeps_the_latent_space(vae):
+    """Fine-tuning the decoder alone leaves the encoder, the latent scale and
+    shift (what a model was trained on) exactly as they were."""
+    import copy
+
+    from openbagel.shapes.autoencoder import train_autoencoder
+
+    before = copy.deepcopy(vae)
+    tuned = train_autoencoder(
+        steps=2, batch=2, lr=1e-3, init=copy.deepcopy(vae), crop=16, progress=False, decoder_only=True
+    )
+    assert tuned.cfg == before.cfg
+    for (name, a), b in zip(tuned.ae.encoder.state_dict().items(), before.ae.encoder.state_dict().values()):
+        assert torch.equal(a, b), name
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.ae.decoder.parameters(), before.ae.decoder.parameters())]
+    assert all(changed)
+    assert all(p.requires_grad for p in tuned.parameters())
+    with pytest.raises(ValueError, match="decoder_only needs init"):
+        train_autoencoder(steps=1, batch=1, progress=False, decoder_only=True)

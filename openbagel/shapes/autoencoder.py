@@ -79,6 +79,7 @@ def train_autoencoder(
     full_fraction: float = 0.1,
     split: str = "train",
     style_fraction: float = 0.2,
+    decoder_only: bool = False,
 ) -> BagelVAE:
     """Train the autoencoder on fresh world images each step (MSE + 0.1 L1 +
     ``kl_weight`` KL, posterior sampled), AdamW with a cosine schedule; then fit
@@ -93,7 +94,15 @@ def train_autoencoder(
         full_fraction: ... except for this last fraction of the steps, on whole images.
         split: the world split the images come from (``all``: every colour-shape pair).
         style_fraction: share of style-edited images (outline, pixel, invert) in each batch.
+        decoder_only: train the decoder of ``init`` alone: its encoder, latent
+            scale and shift, and so the latent space a model was trained on,
+            stay as they are (a better decoder needs no retraining of the model).
+
+    Raises:
+        ValueError: ``decoder_only`` without ``init``.
     """
+    if decoder_only and init is None:
+        raise ValueError("decoder_only needs init: the autoencoder whose encoder is kept")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     if init is not None:
@@ -102,7 +111,9 @@ def train_autoencoder(
         vae = BagelVAE(cfg)
         with torch.no_grad():  # start with a near-deterministic posterior (std e^-6): the decoder
             vae.ae.encoder.conv_out.bias[cfg.z_channels :] = -12.0  # sees clean latents from step 0
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    trained = vae.ae.decoder if decoder_only else vae
+    vae.ae.encoder.requires_grad_(not decoder_only)
+    opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
@@ -125,7 +136,7 @@ def train_autoencoder(
         loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean() + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         sched.step()
         if progress and step % 50 == 0:
@@ -137,10 +148,12 @@ def train_autoencoder(
                 save_autoencoder(vae, save_to)
             vae.train()
     vae.eval()
-    scale, shift = fit_latent_scaling(vae, world_images(random.Random(seed + 1), 256))
-    from dataclasses import replace
+    vae.ae.encoder.requires_grad_(True)
+    if not decoder_only:
+        from dataclasses import replace
 
-    vae.cfg = replace(cfg, scale_factor=scale, shift_factor=shift)
+        scale, shift = fit_latent_scaling(vae, world_images(random.Random(seed + 1), 256))
+        vae.cfg = replace(vae.cfg if init is not None else cfg, scale_factor=scale, shift_factor=shift)
     if save_to is not None:
         save_autoencoder(vae, save_to)
     return vae
@@ -175,13 +188,18 @@ def main() -> None:
     parser.add_argument("--full-fraction", type=float, default=0.1, help="last fraction of steps on whole images")
     parser.add_argument("--split", default="train", choices=world.SPLITS, help="world split of the training images")
     parser.add_argument("--style-fraction", type=float, default=0.2, help="share of style-edited images")
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="train only the decoder of --init (its encoder and latent space stay: a model trained on them still fits)",
+    )
     args = parser.parse_args()
     init = None
     if args.init is not None:
         from openbagel.checkpoint import load_vae
-        from openbagel.config import BagelConfig, preset
+        from openbagel.config import preset
 
-        init = load_vae(args.init, config=BagelConfig(preset("shapes").llm, preset("shapes").vit, vae=SHAPES_VAE))
+        init = load_vae(args.init, config=preset("shapes"))  # with the fitted latent scale and shift
     vae = train_autoencoder(
         args.steps,
         args.batch,
@@ -193,11 +211,13 @@ def main() -> None:
         full_fraction=args.full_fraction,
         split=args.split,
         style_fraction=args.style_fraction,
+        decoder_only=args.decoder_only,
     )
     path = args.out / "ae.safetensors"
     held_out = world_images(random.Random(10_000 + args.seed), 512, split="test")
     print(f"wrote {path}")
-    print(f"scale_factor={vae.cfg.scale_factor:.6f} shift_factor={vae.cfg.shift_factor:.6f}")
+    kept = " (kept: decoder only)" if args.decoder_only else ""
+    print(f"scale_factor={vae.cfg.scale_factor:.6f} shift_factor={vae.cfg.shift_factor:.6f}{kept}")
     print(f"held-out PSNR: {psnr(vae, held_out):.2f} dB")
 
 
