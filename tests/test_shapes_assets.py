@@ -98,3 +98,11 @@ def test_decoder_only_training_keeps_the_latent_space(vae):
     assert all(p.requires_grad for p in tuned.parameters())
     with pytest.raises(ValueError, match="decoder_only needs init"):
         train_autoencoder(steps=1, batch=1, progress=False, decoder_only=True)
+
+
+def test_style_fraction_of_training_images():
+    from openbagel.shapes.autoencoder import world_images
+
+    with pytest.raises(ValueError, match=r"style_fraction must be in \[0, 0.8\]"):
+        world_images(random.Random(0), 1, style_fraction=0.9)
+    assert world_images(random.Random(0), 3, style_fraction=0.8).shape == (3, 3, 64, 64)

@@ -29,7 +29,13 @@ def world_images(
 ) -> Tensor:
     """``[n, 3, size, size]`` float32 in [-1, 1]: every kind of image the world
     makes: scenes, a ``style_fraction`` of style edits (outline, pixel,
-    invert), a fifth of clip frames, in proportion."""
+    invert), a fifth of clip frames, in proportion.
+
+    Raises:
+        ValueError: ``style_fraction`` outside [0, 0.8] (the clip frames keep their fifth).
+    """
+    if not 0 <= style_fraction <= 0.8:
+        raise ValueError(f"style_fraction must be in [0, 0.8] (clip frames take 0.2), got {style_fraction}")
     out = []
     for _ in range(n):
         u = rng.random()
