@@ -607,7 +607,7 @@ def config_from_checkpoint(folder: str | Path) -> BagelConfig:
 
     # the default ViT transform's stride (14) fits only ViT patches dividing it;
     # another patch size starts from its own stride until openbagel.json sets the transform
-    default_vit = BagelConfig.__dataclass_fields__["vit_transform"].default
+    default_vit = BagelConfig.vit_transform  # the field's default
     if default_vit.stride % vit_cfg.patch_size:
         default_vit = replace(default_vit, stride=vit_cfg.patch_size)
     cfg = BagelConfig(llm=llm_cfg, vit=vit_cfg, vit_transform=default_vit)
