@@ -79,7 +79,7 @@ def test_checker_reads_scenes_through_the_autoencoder(vae):
     assert right / len(items) >= MIN_READ_BACK
 
 
-def test_decoder_only_training_keeps_the_latent_space(vae):
+def test_decoder_only_training_keeps_the_latent_space(vae, tmp_path):
     """Fine-tuning the decoder alone leaves the encoder, the latent scale and
     shift (what a model was trained on) exactly as they were."""
     import copy
@@ -96,6 +96,18 @@ def test_decoder_only_training_keeps_the_latent_space(vae):
     changed = [not torch.equal(a, b) for a, b in zip(tuned.ae.decoder.parameters(), before.ae.decoder.parameters())]
     assert all(changed)
     assert all(p.requires_grad for p in tuned.parameters())
+    import os
+
+    from openbagel.shapes.autoencoder import save_autoencoder
+
+    out = Path(tmp_path)
+    umask = os.umask(0o022)
+    try:
+        save_autoencoder(tuned, out)
+    finally:
+        os.umask(umask)
+    assert (out / "ae.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors alone writes 0o600
+    assert sorted(p.name for p in out.iterdir()) == ["ae.safetensors"]  # no temporary file left
     with pytest.raises(ValueError, match="decoder_only needs init"):
         train_autoencoder(steps=1, batch=1, progress=False, decoder_only=True)
 

@@ -166,17 +166,17 @@ def train_autoencoder(
 
 
 def save_autoencoder(vae: BagelVAE, folder: str | Path) -> Path:
-    """Write ``ae.safetensors`` in the FLUX key layout (what :func:`openbagel.checkpoint.load_vae` reads)."""
+    """Write ``ae.safetensors`` in the FLUX key layout (what :func:`openbagel.checkpoint.load_vae` reads),
+    atomically and readable as the umask allows (it may be shipped in the package)."""
     from safetensors.torch import save_file
 
+    from openbagel.fileio import write_atomically
     from openbagel.model.vae import to_flux_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in to_flux_state_dict(vae.ae.state_dict(), vae.cfg).items()}
-    tmp = folder / ".ae.safetensors.tmp"
-    save_file(sd, str(tmp))
-    tmp.replace(folder / "ae.safetensors")
+    write_atomically(folder / "ae.safetensors", lambda tmp: save_file(sd, tmp))
     return folder / "ae.safetensors"
 
 
