@@ -1,0 +1,248 @@
+"""Answering a question benchmark with a pipeline, resumably, then scoring it and writing its official files.
+
+``OUT/predictions.jsonl`` gets one line per answered question as soon as it
+is answered (``id``, ``reply``, ``reasoning``), so a stopped run continues
+with ``resume=True`` and skips what is done; ``OUT/run.json`` records the
+model, the data file and the decoding settings; ``OUT/scores.json`` the
+scores; each benchmark also writes the file its official evaluator or
+submission takes (see :data:`BENCHMARKS`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from openbagel.errors import InvalidInputError
+from openbagel.evals.answers import MMMUChoiceParser, infer_choice, yes_no_mme, yes_no_pope
+from openbagel.evals.formats import (
+    Question,
+    decode_image,
+    mmbench_questions,
+    mmmu_questions,
+    read_rows,
+    yes_no_questions,
+)
+from openbagel.evals.scores import (
+    CIRCULAR_OFFSET,
+    ChoiceResult,
+    YesNoResult,
+    circular_accuracy,
+    mme_scores,
+    plain_accuracy,
+    pope_scores,
+)
+from openbagel.fileio import write_atomically
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class QuestionBenchmark:
+    """How one benchmark is asked, scored and written.
+
+    Attributes:
+        title: its usual name.
+        questions: rows of its file -> questions (prompts built as BAGEL's scripts build them).
+        max_new_tokens: the answer length BAGEL's script allows.
+        finish: ``(questions, replies by id, OUT) -> scores``; also writes the official files into OUT.
+        first_image_scale: the first image enlarged this many times (BAGEL's MMMU script: 2).
+    """
+
+    title: str
+    questions: Callable[[list[dict[str, object]]], list[Question]]
+    max_new_tokens: int
+    finish: Callable[[list[Question], dict[str, str], Path], dict]
+    first_image_scale: int = 1
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _finish_mmbench(questions: list[Question], replies: dict[str, str], out: Path) -> dict:
+    letters = "ABCDE"
+    header = ["index", "question", *letters, "answer", "category", "prediction"]
+    lines = ["\t".join(header)]
+    results = []
+    for q in questions:
+        reply = replies[q.id]
+        cells = [q.id, _one_line(q.prompt.split("\n")[0])] + [q.options.get(k, "") for k in letters]
+        lines.append("\t".join([*cells, q.answer or "", q.category, _one_line(reply)]))
+        if q.answer is not None:
+            results.append(ChoiceResult(int(q.id), q.answer, infer_choice(reply, q.options), q.category))
+    _write_text(out / "mmbench_predictions.tsv", "\n".join(lines) + "\n")
+    if not results:
+        return {}
+    circular = any(r.index >= CIRCULAR_OFFSET for r in results)
+    scores = circular_accuracy(results) if circular else plain_accuracy(results)
+    return {"accuracy" if not circular else "circular_accuracy": scores}
+
+
+def _finish_mme(questions: list[Question], replies: dict[str, str], out: Path) -> dict:
+    by_task: dict[str, list[str]] = {}
+    results = []
+    for q in questions:
+        reply = replies[q.id]
+        gt = (q.answer or "").capitalize()
+        by_task.setdefault(q.category, []).append(
+            "\t".join([q.meta["image"], q.meta["question"], gt, _one_line(reply)])
+        )
+        if q.answer is not None:
+            results.append(YesNoResult(q.category, q.meta["image"], q.answer, yes_no_mme(reply)))
+    folder = out / "mme_results"
+    folder.mkdir(exist_ok=True)
+    for task, lines in by_task.items():
+        _write_text(folder / f"{task}.txt", "\n".join(lines) + "\n")
+    return mme_scores(results) if results else {}
+
+
+def _finish_pope(questions: list[Question], replies: dict[str, str], out: Path) -> dict:
+    lines = []
+    results = []
+    for q in questions:
+        reply = replies[q.id]
+        lines.append(json.dumps({"question_id": q.id, "prompt": q.meta["question"], "text": reply, "answer": reply}))
+        if q.answer is not None:
+            results.append(YesNoResult(q.category or "pope", q.id, q.answer, yes_no_pope(reply)))
+    _write_text(out / "pope_answers.jsonl", "\n".join(lines) + "\n")
+    return pope_scores(results) if results else {}
+
+
+def _finish_mmmu(questions: list[Question], replies: dict[str, str], out: Path) -> dict:
+    parse = MMMUChoiceParser()  # one parser in file order: the official random fallback sequence
+    predictions, right = {}, []
+    for q in questions:
+        reply = replies[q.id]
+        if q.meta["question_type"] == "multiple-choice" and q.options:
+            predictions[q.id] = parse(reply, q.options)
+            if q.answer is not None:
+                right.append(predictions[q.id] == q.answer)
+        else:
+            predictions[q.id] = reply
+    _write_text(out / "mmmu_prediction.json", json.dumps(predictions, indent=2, ensure_ascii=False) + "\n")
+    if not right:
+        return {}
+    return {"multiple_choice": {"accuracy": sum(right) / len(right), "questions": len(right)}}
+
+
+#: The question benchmarks: their files (VLMEvalKit TSVs; MMMU also its parquet) and official outputs.
+BENCHMARKS: dict[str, QuestionBenchmark] = {
+    # mmbench_predictions.tsv: the rows with a `prediction` column, which VLMEvalKit's evaluator reads
+    "mmbench": QuestionBenchmark("MMBench", mmbench_questions, 100, _finish_mmbench),
+    # mme_results/<subtask>.txt: image, question, answer, reply, the official MME tool's input
+    "mme": QuestionBenchmark("MME", lambda rows: yes_no_questions(rows, "MME"), 20, _finish_mme),
+    # pope_answers.jsonl: one reply per line in file order (official POPE evaluate.py; LLaVA's `text`)
+    "pope": QuestionBenchmark("POPE", lambda rows: yes_no_questions(rows, "POPE"), 100, _finish_pope),
+    # mmmu_prediction.json: id -> letter (parsed) or reply, the input of MMMU's main_eval_only.py
+    "mmmu": QuestionBenchmark("MMMU", mmmu_questions, 10, _finish_mmmu, first_image_scale=2),
+}
+
+
+def _done(path: Path) -> dict[str, dict]:
+    """Answered lines of a predictions file; a torn last line (a kill mid-write) is dropped from the file."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    good = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[str(record["id"])] = record
+        good.append(line)
+    _write_text(path, "".join(f"{line}\n" for line in good))
+    return done
+
+
+def _first(questions: list[Question], n: int, *, circular: bool) -> list[Question]:
+    """The first ``n`` questions; with ``circular``, the first ``n`` originals and all their rotated copies."""
+    if not circular:
+        return questions[:n]
+    keep: dict[int, None] = {}
+    for q in questions:
+        if len(keep) == n:
+            break
+        keep.setdefault(int(q.id) % CIRCULAR_OFFSET)
+    return [q for q in questions if int(q.id) % CIRCULAR_OFFSET in keep]
+
+
+def run_benchmark(
+    pipe,
+    bench: str,
+    data: Path,
+    out: Path,
+    *,
+    limit: int | None = None,
+    resume: bool = False,
+    think: bool = False,
+    progress: Callable[[int], None] | None = None,
+    run_info: dict | None = None,
+) -> dict:
+    """Answer every question of ``data`` (or the first ``limit``), score them and write the official files.
+
+    Args:
+        pipe: a :class:`~openbagel.pipeline.BagelPipeline` (greedy decoding, BAGEL's answer lengths).
+        bench: a key of :data:`BENCHMARKS`.
+        data: the benchmark's file.
+        out: the output folder (created); must be new or empty unless ``resume``.
+        limit: answer only the first ``limit`` questions (MMBench: the first ``limit`` questions with all
+            their circular copies, wherever they are in the file).
+        resume: continue a stopped run in ``out``: questions already in its predictions are skipped.
+        think: let the model reason before answering (reasoning saved, not scored).
+        progress: called with 1 after each answered question.
+        run_info: more fields for ``run.json`` (the model's name, ...).
+
+    Returns:
+        The scores (empty when the file holds no answers), also written to ``out/scores.json``.
+
+    Raises:
+        InvalidInputError: an unknown benchmark, a bad file, or an output folder that holds another run.
+    """
+    if bench not in BENCHMARKS:
+        raise InvalidInputError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    spec = BENCHMARKS[bench]
+    questions = spec.questions(read_rows(data))
+    if limit is not None:
+        if limit < 1:
+            raise InvalidInputError(f"--limit must be at least 1, got {limit}")
+        questions = _first(questions, limit, circular=bench == "mmbench")
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"{data}: question ids repeat; each row needs its own index")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} exists and is not a folder; give an output folder")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise InvalidInputError(f"{out} already holds files; continue that run with --resume or give a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"benchmark": spec.title, "data": str(data), "questions": len(questions), "think": think,
+            "decoding": "greedy", "max_new_tokens": None if think else spec.max_new_tokens, **(run_info or {})}  # fmt: skip
+    _write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+    done = _done(out / PREDICTIONS)
+    with (out / PREDICTIONS).open("a", encoding="utf-8") as log:
+        for q in questions:
+            if q.id in done:
+                continue
+            images = [decode_image(cell) for cell in q.images]
+            if images and spec.first_image_scale != 1:
+                s = spec.first_image_scale
+                images[0] = images[0].resize((images[0].width * s, images[0].height * s))
+            result = pipe.understand(
+                images or None, q.prompt, think=think, max_new_tokens=None if think else spec.max_new_tokens
+            )
+            done[q.id] = {"id": q.id, "reply": result.text, "reasoning": result.reasoning}
+            log.write(json.dumps(done[q.id], ensure_ascii=False) + "\n")
+            log.flush()
+            if progress is not None:
+                progress(1)
+    scores = spec.finish(questions, {q.id: done[q.id]["reply"] for q in questions}, out)
+    _write_text(out / "scores.json", json.dumps(scores, indent=2) + "\n")
+    return scores

@@ -1,0 +1,91 @@
+"""The question-benchmark runner: resumable answering, scores and the official files, with a scripted model."""
+
+import json
+
+import pytest
+
+from openbagel.errors import InvalidInputError
+from openbagel.evals.run import run_benchmark
+from openbagel.pipeline import TextResult
+from tests.test_evals_formats import b64, write_tsv
+
+
+class ScriptedModel:
+    """Answers from a table keyed by the prompt's first line; records what it was asked."""
+
+    def __init__(self, replies):
+        self.replies, self.asked = replies, []
+
+    def understand(self, images, prompt, *, think=False, max_new_tokens=None):
+        self.asked.append((len(images or []), prompt, max_new_tokens))
+        return TextResult(self.replies[prompt.split("\n")[0]], "because" if think else None)
+
+
+def mmbench_file(tmp_path):
+    rows = []
+    for i, (q, right) in enumerate([("Q1", "red"), ("Q2", "blue")], start=1):
+        opts = ["red", "blue"]
+        for r in range(2):  # the original and one rotation
+            rotated = opts[r:] + opts[:r]
+            rows.append({"index": i + r * 1_000_000, "question": q, "hint": "", "A": rotated[0], "B": rotated[1],
+                         "answer": "AB"[rotated.index(right)], "category": "colour",
+                         "image": b64("red") if r == 0 else str(i)})  # fmt: skip
+    return write_tsv(tmp_path / "mmb.tsv", rows)
+
+
+def test_mmbench_circular_scores_and_predictions_file(tmp_path):
+    # Q1 answered "red" by text every time (passes); Q2 answered "A" every time (right once: fails)
+    model = ScriptedModel({"Q1": "red", "Q2": "A"})
+    scores = run_benchmark(model, "mmbench", mmbench_file(tmp_path), tmp_path / "out")
+    assert scores == {"circular_accuracy": {"overall": 0.5, "colour": 0.5}}
+    assert [a[2] for a in model.asked] == [100] * 4 and all(a[0] == 1 for a in model.asked)
+    lines = (tmp_path / "out" / "mmbench_predictions.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["index", "question", "A", "B", "C", "D", "E", "answer", "category", "prediction"]
+    assert lines[1].split("\t") == ["1", "Q1", "red", "blue", "", "", "", "A", "colour", "red"]
+    assert json.loads((tmp_path / "out" / "scores.json").read_text()) == scores
+    # --limit 1 keeps question 1 and its rotated copy
+    scores = run_benchmark(model, "mmbench", mmbench_file(tmp_path), tmp_path / "one", limit=1)
+    assert scores == {"circular_accuracy": {"overall": 1.0, "colour": 1.0}}
+
+
+def test_resume_skips_answered_questions_and_drops_a_torn_line(tmp_path):
+    data, out = mmbench_file(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(
+        json.dumps({"id": "1", "reply": "A", "reasoning": None}) + "\n" + '{"id": "1000001", "rep'
+    )
+    with pytest.raises(InvalidInputError, match="--resume"):
+        run_benchmark(ScriptedModel({}), "mmbench", data, out)
+    model = ScriptedModel({"Q1": "B", "Q2": "B"})
+    run_benchmark(model, "mmbench", data, out, resume=True)
+    assert len(model.asked) == 3  # question 1 was answered before the stop
+    ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(ids) == ["1", "1000001", "1000002", "2"]
+
+
+def test_mme_writes_the_official_tool_files(tmp_path):
+    rows = [
+        {"index": 0, "image": b64("white"), "question": "Is there a circle?", "answer": "Yes",
+         "category": "existence", "image_path": "a.png"},
+        {"index": 1, "image": "0", "question": "Is there a square?", "answer": "No", "category": "existence",
+         "image_path": "a.png"},
+    ]  # fmt: skip
+    model = ScriptedModel({"Is there a circle? Answer the question using a single word or phrase.": "Yes",
+                           "Is there a square? Answer the question using a single word or phrase.": "Yes\nit is"})  # fmt: skip
+    scores = run_benchmark(model, "mme", write_tsv(tmp_path / "mme.tsv", rows), tmp_path / "out", think=True)
+    assert scores["existence"] == pytest.approx({"acc": 0.5, "acc_plus": 0.0, "score": 50.0})
+    assert scores["total"]["score"] == pytest.approx(50.0)
+    assert (tmp_path / "out" / "mme_results" / "existence.txt").read_text().splitlines() == [
+        "a.png\tIs there a circle?\tYes\tYes",
+        "a.png\tIs there a square?\tNo\tYes it is",
+    ]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["think"] is True
+    record = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    assert record == {"id": "0", "reply": "Yes", "reasoning": "because"}
+
+
+def test_unknown_benchmark_and_bad_limit(tmp_path):
+    with pytest.raises(InvalidInputError, match="unknown benchmark 'mmvet'"):
+        run_benchmark(ScriptedModel({}), "mmvet", tmp_path / "x.tsv", tmp_path / "out")
+    with pytest.raises(InvalidInputError, match="--limit must be at least 1"):
+        run_benchmark(ScriptedModel({}), "mmbench", mmbench_file(tmp_path), tmp_path / "out", limit=0)
