@@ -70,8 +70,9 @@ def test_mmbench_tsv_rows_prompts_and_shared_images(tmp_path):
     ]
     qs = mmbench_questions(read_rows(write_tsv(tmp_path / "mmb.tsv", rows)))
     assert [q.id for q in qs] == ["7", "1000007"]
-    assert qs[0].prompt == f"What colour?\nA. red\nB. blue\n{MCQ_INSTRUCTION}"
-    assert qs[1].prompt == f"A picture.\nWhat colour?\nA. blue\nB. red\n{MCQ_INSTRUCTION}"
+    assert qs[0].prompt() == f"What colour?\nA. red\nB. blue\n{MCQ_INSTRUCTION}"
+    assert qs[1].prompt() == f"A picture.\nWhat colour?\nA. blue\nB. red\n{MCQ_INSTRUCTION}"
+    assert qs[1].prompt(instruction=False) == "A picture.\nWhat colour?\nA. blue\nB. red"
     assert qs[1].options == {"A": "blue", "B": "red"} and qs[1].answer == "B" and qs[1].category == "colour"
     assert decode_image(qs[1].images[0]).getpixel((0, 0)) == (255, 0, 0)  # the shared image resolved
 
@@ -97,7 +98,8 @@ def test_yes_no_tsv_lowercases_answers_and_names_images(tmp_path):
     ]
     qs = yes_no_questions(read_rows(write_tsv(tmp_path / "mme.tsv", rows)), "MME")
     assert [q.answer for q in qs] == ["yes", "no"]
-    assert qs[0].prompt == f"Is there a circle? {SHORT_INSTRUCTION}"
+    assert qs[0].prompt() == f"Is there a circle? {SHORT_INSTRUCTION}"
+    assert qs[0].prompt(instruction=False) == "Is there a circle?"
     assert qs[1].meta == {"image": "a.png", "question": "Is there a square?"}
     rows[1]["answer"] = "Maybe"
     with pytest.raises(InvalidInputError, match="is not yes or no"):
@@ -119,9 +121,9 @@ def test_mmmu_parquet_and_tsv(tmp_path):
     )
     pq.write_table(table, tmp_path / "art.parquet")
     qs = mmmu_questions(read_rows(tmp_path / "art.parquet"))
-    assert qs[0].prompt == f"<image 1> Which style?\nA. Baroque\nB. Cubism\n{MCQ_INSTRUCTION}"
+    assert qs[0].prompt() == f"<image 1> Which style?\nA. Baroque\nB. Cubism\n{MCQ_INSTRUCTION}"
     assert qs[0].options == {"A": "Baroque", "B": "Cubism"} and len(qs[0].images) == 1
-    assert qs[1].prompt == f"How many? <image 1>\n{SHORT_INSTRUCTION}" and qs[1].meta["question_type"] == "open"
+    assert qs[1].prompt() == f"How many? <image 1>\n{SHORT_INSTRUCTION}" and qs[1].meta["question_type"] == "open"
     assert [decode_image(c).getpixel((0, 0)) for c in qs[1].images] == [(0, 128, 0), (255, 0, 0)]
 
     rows = [

@@ -89,3 +89,28 @@ def test_unknown_benchmark_and_bad_limit(tmp_path):
         run_benchmark(ScriptedModel({}), "mmvet", tmp_path / "x.tsv", tmp_path / "out")
     with pytest.raises(InvalidInputError, match="--limit must be at least 1"):
         run_benchmark(ScriptedModel({}), "mmbench", mmbench_file(tmp_path), tmp_path / "out", limit=0)
+
+
+def test_embedded_model_runs_every_question_benchmark_file(tmp_path):
+    """Shapes-world files in the four formats, answered end to end by the embedded model."""
+    from openbagel import BagelPipeline
+    from openbagel.evals.shapes_files import write_shapes_benchmarks
+
+    pipe = BagelPipeline.from_pretrained()
+    files = write_shapes_benchmarks(tmp_path / "data", count=4, seed=1)
+    expected = {
+        "mmbench": ("mmbench_predictions.tsv", "circular_accuracy"),
+        "mme": ("mme_results/existence.txt", "total"),
+        "pope": ("pope_answers.jsonl", "overall"),
+        "mmmu": ("mmmu_prediction.json", "multiple_choice"),
+    }
+    for bench, (written, key) in expected.items():
+        out = tmp_path / bench
+        scores = run_benchmark(pipe, bench, files[bench], out, instruction=False)
+        answered = (out / "predictions.jsonl").read_text().splitlines()
+        assert (out / written).is_file() and key in scores, bench
+        assert len(answered) == json.loads((out / "run.json").read_text())["questions"], bench
+    assert len((tmp_path / "mme" / "mme_results" / "existence.txt").read_text().splitlines()) == 8  # 2 per image
+    mme = json.loads((tmp_path / "mme" / "scores.json").read_text())
+    assert 0 <= mme["existence"]["acc_plus"] <= mme["existence"]["acc"] <= 1
+    assert len((tmp_path / "mmbench" / "predictions.jsonl").read_text().splitlines()) == 14  # 4 groups of 3-4

@@ -20,6 +20,7 @@ from openbagel.cli.common import (
     _load,
     _run,
     _step_cache,
+    check_input_path,
     check_output_path,
     flag,
 )
@@ -100,6 +101,95 @@ def eval_shapes(
             write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
 
     _run(body)
+
+
+def _question_benchmark(bench: str, title: str, data_help: str, writes: str) -> None:
+    """Register ``openbagel eval BENCH`` for one question benchmark of :mod:`openbagel.evals.run`."""
+
+    def command(
+        data: Path = typer.Option(..., "--data", help=data_help),
+        output: Path = typer.Option(
+            ..., "--output", "-o", help=f"Folder for predictions.jsonl, scores.json, run.json and {writes}."
+        ),
+        model: Optional[str] = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Checkpoint folder (default: the embedded shapes-world model).",
+            envvar="OPENBAGEL_MODEL",
+            show_envvar=False,
+        ),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N questions."),
+        resume: bool = flag("--resume", help="Continue a stopped run in --output, skipping answered questions."),
+        think: bool = flag("--think", help="Let the model reason before it answers (reasoning saved, not scored)."),
+        no_instruction: bool = flag(
+            "--no-instruction",
+            help="Ask the bare question and options, without BAGEL's instruction sentence (for models never "
+            "trained on it, like the embedded one).",
+        ),
+        device: str = DeviceOpt,
+        dtype: Optional[str] = DtypeOpt,
+        quant: Optional[str] = QuantOpt,
+    ) -> None:
+        def body():
+            from tqdm.auto import tqdm
+
+            from openbagel.evals.formats import read_rows
+            from openbagel.evals.run import BENCHMARKS, run_benchmark
+
+            check_input_path(data, "--data file")
+            check_output_path(output, "--output", folder=True)
+            total = len(BENCHMARKS[bench].questions(read_rows(data)))  # a bad file fails before the weights load
+            pipe = _load(model, device, dtype, quant=quant)
+            with tqdm(total=min(total, limit or total), desc=title, unit="question") as bar:
+                scores = run_benchmark(
+                    pipe, bench, data, output, limit=limit, resume=resume, think=think,
+                    instruction=not no_instruction, progress=bar.update,
+                    run_info={"model": str(model or "embedded"), "quant": quant},
+                )  # fmt: skip
+            _print_scores(scores)
+            typer.echo(f"predictions and {writes} written to {output}")
+
+        _run(body)
+
+    command.__doc__ = f"{title}: answer its questions, score them where the file has answers, write {writes}."
+    eval_app.command(bench)(command)
+
+
+def _print_scores(scores: dict, prefix: str = "") -> None:
+    if not scores:
+        typer.echo("the file holds no answers: predictions written, nothing scored")
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            _print_scores(value, f"{prefix}{key}.")
+        else:
+            typer.echo(f"{prefix}{key}  {value:.4f}" if isinstance(value, float) else f"{prefix}{key}  {value}")
+
+
+_question_benchmark(
+    "mmbench",
+    "MMBench",
+    "VLMEvalKit's MMBench TSV (e.g. MMBench_DEV_EN.tsv; circular copies scored circularly).",
+    "mmbench_predictions.tsv (VLMEvalKit's evaluator reads its prediction column)",
+)
+_question_benchmark(
+    "mme",
+    "MME",
+    "VLMEvalKit's MME TSV (MME.tsv).",
+    "mme_results/<subtask>.txt (the official MME tool's input)",
+)
+_question_benchmark(
+    "pope",
+    "POPE",
+    "VLMEvalKit's POPE TSV (POPE.tsv; its category column is the split).",
+    "pope_answers.jsonl (one reply per line, as POPE's evaluate.py reads)",
+)
+_question_benchmark(
+    "mmmu",
+    "MMMU",
+    "MMMU's parquet file of one subject from its dataset card, or VLMEvalKit's MMMU_DEV_VAL.tsv.",
+    "mmmu_prediction.json (MMMU's main_eval_only.py input)",
+)
 
 
 @data_app.command("shapes")

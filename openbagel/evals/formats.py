@@ -38,7 +38,8 @@ class Question:
 
     Attributes:
         id: the row's ``index`` (TSV) or ``id`` (MMMU parquet), as written in the file.
-        prompt: the text sent to the model after the images (the benchmark's recipe applied).
+        body: the question as the model sees it after the images (hint, question, ``A. ...`` option lines).
+        instruction: what BAGEL's script appends to it, with its separator (``"\nAnswer with the option's..."``).
         images: the images, in order, as file cells (decoded by :func:`decode_image` when asked).
         options: letter -> option text (empty for yes/no and open questions).
         answer: the right answer as the file gives it (a letter, "yes"/"no", or free text); ``None`` if absent.
@@ -47,12 +48,17 @@ class Question:
     """
 
     id: str
-    prompt: str
+    body: str
+    instruction: str
     images: list[object]
     options: dict[str, str] = field(default_factory=dict)
     answer: str | None = None
     category: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+
+    def prompt(self, instruction: bool = True) -> str:
+        """The text sent to the model: the body and, unless ``instruction=False``, BAGEL's instruction."""
+        return self.body + self.instruction if instruction else self.body
 
 
 def read_rows(path: Path) -> list[dict[str, object]]:
@@ -138,9 +144,11 @@ def mmbench_questions(rows: list[dict[str, object]]) -> list[Question]:
             raise InvalidInputError(f"MMBench row index {r['index']!r} is not a whole number")
         options = options_of(r, "ABCDE")
         lines = [t for t in (_text(r, "hint"), _text(r, "question")) if t]
-        lines += [f"{k}. {v}" for k, v in options.items()] + [MCQ_INSTRUCTION]
+        lines += [f"{k}. {v}" for k, v in options.items()]
         answer = _text(r, "answer") or None
-        out.append(Question(str(r["index"]), "\n".join(lines), [r["image"]], options, answer, _text(r, "category")))
+        body, category, meta = "\n".join(lines), _text(r, "category"), {"question": _text(r, "question")}
+        instruction = f"\n{MCQ_INSTRUCTION}"
+        out.append(Question(str(r["index"]), body, instruction, [r["image"]], options, answer, category, meta))
     return out
 
 
@@ -161,7 +169,8 @@ def yes_no_questions(rows: list[dict[str, object]], bench: str) -> list[Question
         out.append(
             Question(
                 str(r["index"]),
-                f"{question} {SHORT_INSTRUCTION}",
+                question,
+                f" {SHORT_INSTRUCTION}",
                 [r["image"]],
                 answer=answer,
                 category=_text(r, "category"),
@@ -203,11 +212,11 @@ def mmmu_questions(rows: list[dict[str, object]]) -> list[Question]:
             qtype = "multiple-choice" if options else "open"
             qid = str(r["index"])
         lines = [_text(r, "question")] + [f"{k}. {v}" for k, v in options.items()]
-        lines.append(MCQ_INSTRUCTION if qtype == "multiple-choice" else SHORT_INSTRUCTION)
         out.append(
             Question(
                 qid,
                 "\n".join(lines).strip(),
+                f"\n{MCQ_INSTRUCTION if qtype == 'multiple-choice' else SHORT_INSTRUCTION}",
                 images,
                 options,
                 _text(r, "answer") or None,

@@ -73,7 +73,7 @@ def _finish_mmbench(questions: list[Question], replies: dict[str, str], out: Pat
     results = []
     for q in questions:
         reply = replies[q.id]
-        cells = [q.id, _one_line(q.prompt.split("\n")[0])] + [q.options.get(k, "") for k in letters]
+        cells = [q.id, _one_line(q.meta["question"])] + [q.options.get(k, "") for k in letters]
         lines.append("\t".join([*cells, q.answer or "", q.category, _one_line(reply)]))
         if q.answer is not None:
             results.append(ChoiceResult(int(q.id), q.answer, infer_choice(reply, q.options), q.category))
@@ -183,6 +183,7 @@ def run_benchmark(
     limit: int | None = None,
     resume: bool = False,
     think: bool = False,
+    instruction: bool = True,
     progress: Callable[[int], None] | None = None,
     run_info: dict | None = None,
 ) -> dict:
@@ -197,6 +198,8 @@ def run_benchmark(
             their circular copies, wherever they are in the file).
         resume: continue a stopped run in ``out``: questions already in its predictions are skipped.
         think: let the model reason before answering (reasoning saved, not scored).
+        instruction: append BAGEL's instruction sentence to each question (``False``: the bare question
+            and options, for models never trained on such instructions, like the embedded one).
         progress: called with 1 after each answered question.
         run_info: more fields for ``run.json`` (the model's name, ...).
 
@@ -224,6 +227,7 @@ def run_benchmark(
         raise InvalidInputError(f"{out} already holds files; continue that run with --resume or give a new folder")
     out.mkdir(parents=True, exist_ok=True)
     info = {"benchmark": spec.title, "data": str(data), "questions": len(questions), "think": think,
+            "instruction": instruction,
             "decoding": "greedy", "max_new_tokens": None if think else spec.max_new_tokens, **(run_info or {})}  # fmt: skip
     _write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
     done = _done(out / PREDICTIONS)
@@ -236,7 +240,10 @@ def run_benchmark(
                 s = spec.first_image_scale
                 images[0] = images[0].resize((images[0].width * s, images[0].height * s))
             result = pipe.understand(
-                images or None, q.prompt, think=think, max_new_tokens=None if think else spec.max_new_tokens
+                images or None,
+                q.prompt(instruction),
+                think=think,
+                max_new_tokens=None if think else spec.max_new_tokens,
             )
             done[q.id] = {"id": q.id, "reply": result.text, "reasoning": result.reasoning}
             log.write(json.dumps(done[q.id], ensure_ascii=False) + "\n")
