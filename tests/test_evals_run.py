@@ -114,3 +114,30 @@ def test_embedded_model_runs_every_question_benchmark_file(tmp_path):
     mme = json.loads((tmp_path / "mme" / "scores.json").read_text())
     assert 0 <= mme["existence"]["acc_plus"] <= mme["existence"]["acc"] <= 1
     assert len((tmp_path / "mmbench" / "predictions.jsonl").read_text().splitlines()) == 14  # 4 groups of 3-4
+
+
+def test_geneval_tree_seeds_and_resume(tmp_path):
+    from openbagel import BagelPipeline
+    from openbagel.evals.geneval import read_geneval, run_geneval
+    from openbagel.evals.shapes_files import write_shapes_benchmarks
+
+    pipe = BagelPipeline.from_pretrained()
+    data = write_shapes_benchmarks(tmp_path / "data", count=3, seed=0)["geneval"]
+    out = tmp_path / "geneval"
+    assert run_geneval(pipe, data, out, images_per_prompt=2, seed=7, limit=2) == 2
+    for i, item in enumerate(read_geneval(data)[:2]):
+        folder = out / f"{i:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == item
+        assert json.loads((folder / "seeds.json").read_text()) == [7 + 2 * i, 8 + 2 * i]
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["00000.png", "00001.png"]
+    # image 1 of prompt 1 made again alone from its recorded seed: the batched image, up to float rounding
+    import numpy as np
+    from PIL import Image
+
+    again = np.asarray(pipe.text_to_image(read_geneval(data)[1]["prompt"], seed=10).images[0], dtype=np.float32)
+    saved = np.asarray(Image.open(out / "00001" / "samples" / "00001.png").convert("RGB"), dtype=np.float32)
+    assert saved.shape == again.shape and np.abs(saved - again).mean() < 1.0  # of 255
+    (out / "00001" / "metadata.jsonl").unlink()  # a prompt stopped before its metadata was written
+    with pytest.raises(InvalidInputError, match="--resume"):
+        run_geneval(pipe, data, out, images_per_prompt=2, seed=7)
+    assert run_geneval(pipe, data, out, images_per_prompt=2, seed=7, resume=True) == 2  # prompts 1 and 2

@@ -192,6 +192,51 @@ _question_benchmark(
 )
 
 
+@eval_app.command("geneval")
+def eval_geneval(
+    data: Path = typer.Option(..., "--data", help="GenEval's prompts/evaluation_metadata.jsonl (or the _long one)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the tree GenEval's scorer reads."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Checkpoint folder (default: the embedded shapes-world model).",
+        envvar="OPENBAGEL_MODEL",
+        show_envvar=False,
+    ),
+    images: int = typer.Option(4, "--images", help="Images per prompt (BAGEL's run: 4)."),
+    seed: int = typer.Option(42, "--seed", help="Image k of prompt i uses seed + i * images + k."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts."),
+    resume: bool = flag("--resume", help="Continue a stopped run in --output, skipping finished prompts."),
+    think: bool = flag("--think", help="Let the model plan the picture in text before drawing it."),
+    steps: Optional[int] = StepsOpt,
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quant: Optional[str] = QuantOpt,
+) -> None:
+    """GenEval: images for its prompts in the tree its scorer reads; prints the scoring commands."""
+
+    def body():
+        from tqdm.auto import tqdm
+
+        from openbagel.evals.geneval import SCORER_COMMANDS, read_geneval, run_geneval
+
+        check_input_path(data, "--data file")
+        check_output_path(output, "--output", folder=True)
+        total = len(read_geneval(data))  # a bad file fails before the weights load
+        pipe = _load(model, device, dtype, quant=quant)
+        with tqdm(total=min(total, limit or total), desc="GenEval", unit="prompt") as bar:
+            run_geneval(
+                pipe, data, output, images_per_prompt=images, seed=seed, limit=limit, resume=resume,
+                think=think, num_timesteps=steps, progress=bar.update,
+            )  # fmt: skip
+        typer.echo(f"images written to {output}; score them in a clone of djghosh13/geneval with its detector:")
+        for command in SCORER_COMMANDS:
+            typer.echo("  " + command.format(out=output))
+
+    _run(body)
+
+
 @data_app.command("shapes")
 def data_shapes(
     output: Path = typer.Argument(..., help="Folder for t2i.parquet, edit.parquet, chat.jsonl and images/."),

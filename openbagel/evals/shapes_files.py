@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import random
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def write_shapes_benchmarks(folder: Path, count: int = 8, seed: int = 0) -> dict
     3 or 4 options, each with its circular copies), ``MME_shapes.tsv`` (existence, two questions
     per image: one yes, one no), ``POPE_shapes.tsv`` (existence, splits
     ``random``/``adversarial``), ``MMMU_shapes.parquet`` (multiple choice on
-    shapes, and open counting questions, as MMMU's dataset card stores them).
+    shapes, and open counting questions, as MMMU's dataset card stores them),
+    ``GenEval_shapes.jsonl`` (GenEval's metadata lines: single objects, colours, counts).
 
     Returns:
         benchmark name -> file path.
@@ -123,9 +125,21 @@ def write_shapes_benchmarks(folder: Path, count: int = 8, seed: int = 0) -> dict
             mmmu["answer"].append(right)
             mmmu["question_type"].append("open")
     pq.write_table(pa.table(mmmu), folder / "MMMU_shapes.parquet")
+    geneval = []
+    for i in range(count):  # GenEval's tags and `include` lists, from the world's own caption forms
+        color, shape = rng.choice(list(world.COLORS)), rng.choice(world.SHAPES)
+        n = rng.choice((2, 3, 4))
+        tag, prompt, include = (
+            ("single_object", f"a {shape}", [{"class": shape, "count": 1}]),
+            ("colors", f"a {color} {shape}", [{"class": shape, "count": 1, "color": color}]),
+            ("counting", f"{world.NUMBERS[n]} {shape}s", [{"class": shape, "count": n}]),
+        )[i % 3]
+        geneval.append(json.dumps({"tag": tag, "include": include, "prompt": prompt}))
+    (folder / "GenEval_shapes.jsonl").write_text("\n".join(geneval) + "\n", encoding="utf-8")
     return {
         "mmbench": _write_tsv(folder / "MMBench_shapes.tsv", mmbench),
         "mme": _write_tsv(folder / "MME_shapes.tsv", mme),
         "pope": _write_tsv(folder / "POPE_shapes.tsv", pope),
         "mmmu": folder / "MMMU_shapes.parquet",
+        "geneval": folder / "GenEval_shapes.jsonl",
     }
