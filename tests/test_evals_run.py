@@ -141,3 +141,34 @@ def test_geneval_tree_seeds_and_resume(tmp_path):
     with pytest.raises(InvalidInputError, match="--resume"):
         run_geneval(pipe, data, out, images_per_prompt=2, seed=7)
     assert run_geneval(pipe, data, out, images_per_prompt=2, seed=7, resume=True) == 2  # prompts 1 and 2
+
+
+def test_judged_image_benchmarks_layouts_and_resume(tmp_path):
+    from openbagel import BagelPipeline
+    from openbagel.evals.editing import gedit_jobs, imgedit_jobs, run_image_jobs, wise_jobs
+    from openbagel.evals.formats import read_rows
+    from openbagel.evals.shapes_files import write_shapes_benchmarks
+
+    pipe = BagelPipeline.from_pretrained()
+    files = write_shapes_benchmarks(tmp_path / "data", count=2, seed=3)
+    gedit = gedit_jobs(read_rows(files["gedit"]))
+    assert run_image_jobs(pipe, gedit, tmp_path / "gedit") == 2
+    for job in gedit:
+        assert job.path.startswith("fullset/") and job.path.endswith("/en/" + job.path.split("/")[-1])
+        assert (tmp_path / "gedit" / job.path).is_file() and (tmp_path / "gedit" / job.keep_source_as).is_file()
+    with pytest.raises(InvalidInputError, match="no GEdit-Bench rows in language 'cn'"):
+        gedit_jobs(read_rows(files["gedit"]), "cn")
+
+    imgedit = imgedit_jobs(files["imgedit"], tmp_path / "data" / "imgedit_originals")
+    assert [j.path for j in imgedit] == ["0.png", "1.png"]
+    with pytest.raises(InvalidInputError, match="--images"):
+        imgedit_jobs(files["imgedit"], tmp_path)
+
+    wise = wise_jobs([files["wise"]])
+    assert [j.path for j in wise] == ["1.png", "2.png"] and all(j.source is None for j in wise)
+    assert run_image_jobs(pipe, wise, tmp_path / "wise", limit=1) == 1
+    with pytest.raises(InvalidInputError, match="--resume"):
+        run_image_jobs(pipe, wise, tmp_path / "wise")
+    assert run_image_jobs(pipe, wise, tmp_path / "wise", resume=True) == 1  # only the missing one
+    with pytest.raises(InvalidInputError, match="prompt_id values repeat"):
+        wise_jobs([files["wise"], files["wise"]])

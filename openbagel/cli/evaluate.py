@@ -237,6 +237,83 @@ def eval_geneval(
     _run(body)
 
 
+_JUDGED = {
+    "gedit": ("GEdit-Bench", "fullset/<task>/<language>/<key>.png with <key>_SRCIMG.png beside each"),
+    "imgedit": ("ImgEdit", "<key>.png"),
+    "wise": ("WISE", "<prompt_id>.png"),
+}
+
+
+def _judged_benchmark(bench: str) -> None:
+    """Register ``openbagel eval BENCH`` for an image benchmark scored by a judge model (see openbagel.evals.editing)."""
+    title, layout = _JUDGED[bench]
+    data_help = {
+        "gedit": "GEdit-Bench's parquet file (from its dataset card).",
+        "imgedit": "ImgEdit's Benchmark/Basic/basic_edit.json (originals under --images).",
+        "wise": "WISE's JSON prompt list (one file; pass --data once per category file).",
+    }[bench]
+
+    def command(
+        data: list[Path] = typer.Option(..., "--data", help=data_help),
+        output: Path = typer.Option(..., "--output", "-o", help=f"Folder for the images: {layout}."),
+        model: Optional[str] = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Checkpoint folder (default: the embedded shapes-world model).",
+            envvar="OPENBAGEL_MODEL",
+            show_envvar=False,
+        ),
+        images: Optional[Path] = typer.Option(None, "--images", help="ImgEdit only: the folder of the originals."),
+        language: str = typer.Option("en", "--language", help="GEdit-Bench only: en, cn, or all."),
+        seed: int = typer.Option(42, "--seed", help="Image i (file order) uses seed + i."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+        resume: bool = flag("--resume", help="Continue a stopped run in --output, skipping images already made."),
+        think: bool = flag("--think", help="Let the model plan in text before drawing (BAGEL's WISE 0.70)."),
+        steps: Optional[int] = StepsOpt,
+        device: str = DeviceOpt,
+        dtype: Optional[str] = DtypeOpt,
+        quant: Optional[str] = QuantOpt,
+    ) -> None:
+        def body():
+            from tqdm.auto import tqdm
+
+            from openbagel.evals.editing import gedit_jobs, imgedit_jobs, run_image_jobs, wise_jobs
+            from openbagel.evals.formats import read_rows
+
+            for path in data:
+                check_input_path(path, "--data file")
+            check_output_path(output, "--output", folder=True)
+            if bench != "wise" and len(data) != 1:
+                raise InvalidInputError(f"{title} takes one --data file, got {len(data)}")
+            if bench == "gedit":
+                jobs = gedit_jobs(read_rows(data[0]), None if language == "all" else language)
+            elif bench == "imgedit":
+                if images is None:
+                    raise InvalidInputError("ImgEdit needs --images, the folder its basic_edit.json ids are under")
+                jobs = imgedit_jobs(data[0], images)
+            else:
+                jobs = wise_jobs(data)
+            pipe = _load(model, device, dtype, quant=quant)
+            with tqdm(total=min(len(jobs), limit or len(jobs)), desc=title, unit="image") as bar:
+                run_image_jobs(
+                    pipe, jobs, output, seed=seed, limit=limit, resume=resume, think=think,
+                    num_timesteps=steps, progress=bar.update,
+                )  # fmt: skip
+            typer.echo(
+                f"images written to {output}; score them with {title}'s scorer and a judge (README, Public benchmarks)"
+            )
+
+        _run(body)
+
+    command.__doc__ = f"{title}: images in the layout its judge-based scorer reads ({layout})."
+    eval_app.command(bench)(command)
+
+
+for _bench in _JUDGED:
+    _judged_benchmark(_bench)
+
+
 @data_app.command("shapes")
 def data_shapes(
     output: Path = typer.Argument(..., help="Folder for t2i.parquet, edit.parquet, chat.jsonl and images/."),

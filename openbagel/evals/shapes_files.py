@@ -49,7 +49,10 @@ def write_shapes_benchmarks(folder: Path, count: int = 8, seed: int = 0) -> dict
     per image: one yes, one no), ``POPE_shapes.tsv`` (existence, splits
     ``random``/``adversarial``), ``MMMU_shapes.parquet`` (multiple choice on
     shapes, and open counting questions, as MMMU's dataset card stores them),
-    ``GenEval_shapes.jsonl`` (GenEval's metadata lines: single objects, colours, counts).
+    ``GenEval_shapes.jsonl`` (GenEval's metadata lines: single objects, colours, counts),
+    ``GEdit_shapes.parquet`` (GEdit-Bench's columns), ``ImgEdit_shapes.json`` with its
+    originals in ``imgedit_originals/`` (ImgEdit's basic_edit.json), ``WISE_shapes.json``
+    (WISE's prompt list; captions of the world).
 
     Returns:
         benchmark name -> file path.
@@ -136,10 +139,39 @@ def write_shapes_benchmarks(folder: Path, count: int = 8, seed: int = 0) -> dict
         )[i % 3]
         geneval.append(json.dumps({"tag": tag, "include": include, "prompt": prompt}))
     (folder / "GenEval_shapes.jsonl").write_text("\n".join(geneval) + "\n", encoding="utf-8")
+
+    edits = [world.random_edit(rng, scene, "all", kinds=("recolor", "remove", "background")) for scene in scenes]
+    gedit = {"task_type": [], "key": [], "instruction": [], "instruction_language": [], "input_image": [],
+             "Intersection_exist": []}  # fmt: skip
+    for i, (e, png) in enumerate(zip(edits, images)):
+        gedit["task_type"].append(
+            {"recolor": "color_alter", "remove": "subject-remove"}.get(e.kind, "background_change")
+        )
+        gedit["key"].append(f"shapes{i:03d}")
+        gedit["instruction"].append(e.instruction)
+        gedit["instruction_language"].append("en")
+        gedit["input_image"].append({"bytes": png, "path": None})
+        gedit["Intersection_exist"].append(True)
+    pq.write_table(pa.table(gedit), folder / "GEdit_shapes.parquet")
+    originals = folder / "imgedit_originals" / "shapes"
+    originals.mkdir(parents=True, exist_ok=True)
+    imgedit = {}
+    for i, (e, png) in enumerate(zip(edits, images)):
+        (originals / f"{i}.png").write_bytes(png)
+        imgedit[str(i)] = {"id": f"shapes/{i}.png", "prompt": e.instruction, "edit_type": e.kind}
+    (folder / "ImgEdit_shapes.json").write_text(json.dumps(imgedit, indent=1) + "\n", encoding="utf-8")
+    wise = [
+        {"prompt_id": i + 1, "Prompt": c.text, "Category": "Shapes", "Subcategory": c.form, "Explanation": c.text}
+        for i, c in enumerate(rng.choice(world.captions(scene, "all")) for scene in scenes)
+    ]
+    (folder / "WISE_shapes.json").write_text(json.dumps(wise, indent=1) + "\n", encoding="utf-8")
     return {
         "mmbench": _write_tsv(folder / "MMBench_shapes.tsv", mmbench),
         "mme": _write_tsv(folder / "MME_shapes.tsv", mme),
         "pope": _write_tsv(folder / "POPE_shapes.tsv", pope),
         "mmmu": folder / "MMMU_shapes.parquet",
         "geneval": folder / "GenEval_shapes.jsonl",
+        "gedit": folder / "GEdit_shapes.parquet",
+        "imgedit": folder / "ImgEdit_shapes.json",  # originals under imgedit_originals/
+        "wise": folder / "WISE_shapes.json",
     }
