@@ -2,7 +2,15 @@
 
 import pytest
 
-from openbagel.evals.answers import MMMUChoiceParser, infer_choice, options_of, yes_no_mme, yes_no_pope
+from openbagel.evals.answers import (
+    MMMUChoiceParser,
+    infer_choice,
+    mmmu_open_answers,
+    mmmu_open_correct,
+    options_of,
+    yes_no_mme,
+    yes_no_pope,
+)
 from openbagel.evals.scores import ChoiceResult, YesNoResult, circular_accuracy, mme_scores, plain_accuracy, pope_scores
 
 OPTIONS = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}
@@ -157,3 +165,18 @@ def test_pope_scores_yes_is_positive():
     )
     none_yes = pope_scores([YesNoResult("random", "a", "yes", "no")])["random"]
     assert none_yes["precision"] == 0.0 and none_yes["f1"] == 0.0
+
+
+def test_mmmu_open_answers_follow_the_official_parser():
+    # key-word tails, every number in them (the thousands comma too, and its "000" as the plain pattern reads it)
+    assert sorted(mmmu_open_answers("The answer is 3,000.")) == [0.0, 3000.0]
+    assert mmmu_open_answers("two") == ["two"]  # no key word: the whole reply
+    assert mmmu_open_answers("x = 4.567") == [4.57]  # "=" in the last sentence; numbers rounded to 2 places
+    assert mmmu_open_answers("So the result is 2e3. Therefore it is big") == ["big"]  # the shortest tail
+    assert mmmu_open_correct("3000", "The answer is 3,000.")
+    assert mmmu_open_correct("4.57", "x = 4.567")
+    assert mmmu_open_correct("['1', '2']", "it is 2")  # a list of golds, as text
+    assert mmmu_open_correct("Paris", "The capital is paris")  # a gold text inside a candidate
+    assert mmmu_open_correct("a", "a cat")  # one letter matches with a space beside it
+    assert not mmmu_open_correct("three", "one")
+    assert not mmmu_open_correct("12", "it is 121")  # numbers compare as numbers

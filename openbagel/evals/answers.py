@@ -10,6 +10,7 @@ they return ``None`` and the caller scores the item as unanswered.
 
 from __future__ import annotations
 
+import ast
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -154,3 +155,70 @@ def options_of(row: Mapping[str, object], letters: Sequence[str] = OPTION_LETTER
         if text and text.lower() != "nan":
             out[letter] = text
     return out
+
+
+# MMMU's open answers (``parse_open_response`` / ``eval_open`` of MMMU ``mmmu/utils/eval_utils.py``)
+_KEY_WORDS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+_NUMBER_PATTERNS = (
+    r"-?\b\d{1,3}(?:,\d{3})+\b",  # with thousands commas
+    r"-?\d+(?:\.\d+)?[eE][+-]?\d+",  # scientific
+    r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])",  # plain
+)
+
+
+def _mmmu_normal_forms(text: str) -> list[str | float]:
+    """A number becomes a float rounded to 2 places; text goes lower case (one character padded with a space)."""
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        text = text.lower()
+        return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+def mmmu_open_answers(prediction: str) -> list[str | float]:
+    """The candidate answers MMMU's official parser reads from a free-text reply (normalised, no repeats).
+
+    Per sentence, the shortest tail after a key word ("is", "so", "therefore",
+    "answer", ...; "=" too in the last sentence); the whole reply if none; plus
+    every number in those tails.
+    """
+    text = prediction.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", text)
+    tails = []
+    for n, sentence in enumerate(sentences):
+        words = _KEY_WORDS + (("=",) if n == len(sentences) - 1 else ())
+        found = [sentence.split(w)[-1].strip() for w in words if w in sentence]
+        shortest = min(found, key=len) if found else ""
+        if shortest and shortest not in (":", ",", ".", "!", "?", ";", "'"):
+            tails.append(shortest)
+    tails = tails or [text]
+    candidates = tails + [m for t in tails for pattern in _NUMBER_PATTERNS for m in re.findall(pattern, t)]
+    out: list[str | float] = []
+    for c in candidates:
+        for form in _mmmu_normal_forms(c):
+            if form not in out:
+                out.append(form)
+    return out
+
+
+def mmmu_open_correct(gold: str | Sequence[str], prediction: str) -> bool:
+    """MMMU's ``eval_open``: a gold text inside a candidate text, or a gold number equal to a candidate number.
+
+    ``gold`` may be one answer or several (MMMU stores some as a list, also
+    as the text of a Python list: ``"['1', '2']"``).
+    """
+    if isinstance(gold, str) and gold.strip().startswith("["):
+        try:
+            gold = [str(g) for g in ast.literal_eval(gold.strip())]
+        except (ValueError, SyntaxError):
+            pass
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    forms = [f for g in golds for f in _mmmu_normal_forms(g)]
+    for cand in mmmu_open_answers(prediction):
+        if isinstance(cand, str):
+            if any(isinstance(f, str) and f in cand for f in forms):
+                return True
+        elif cand in forms:
+            return True
+    return False

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openbagel.errors import InvalidInputError
-from openbagel.evals.answers import MMMUChoiceParser, infer_choice, yes_no_mme, yes_no_pope
+from openbagel.evals.answers import MMMUChoiceParser, infer_choice, mmmu_open_correct, yes_no_mme, yes_no_pope
 from openbagel.evals.formats import (
     Question,
     decode_image,
@@ -117,19 +117,24 @@ def _finish_pope(questions: list[Question], replies: dict[str, str], out: Path) 
 
 def _finish_mmmu(questions: list[Question], replies: dict[str, str], out: Path) -> dict:
     parse = MMMUChoiceParser()  # one parser in file order: the official random fallback sequence
-    predictions, right = {}, []
+    predictions: dict[str, str] = {}
+    right: dict[str, list[bool]] = {"multiple_choice": [], "open": []}
     for q in questions:
         reply = replies[q.id]
         if q.meta["question_type"] == "multiple-choice" and q.options:
             predictions[q.id] = parse(reply, q.options)
             if q.answer is not None:
-                right.append(predictions[q.id] == q.answer)
+                right["multiple_choice"].append(predictions[q.id] == q.answer)
         else:
             predictions[q.id] = reply
+            if q.answer is not None:
+                right["open"].append(mmmu_open_correct(q.answer, reply))
     _write_text(out / "mmmu_prediction.json", json.dumps(predictions, indent=2, ensure_ascii=False) + "\n")
-    if not right:
+    every = right["multiple_choice"] + right["open"]
+    if not every:
         return {}
-    return {"multiple_choice": {"accuracy": sum(right) / len(right), "questions": len(right)}}
+    scores = {k: {"accuracy": sum(v) / len(v), "questions": len(v)} for k, v in right.items() if v}
+    return {"overall": {"accuracy": sum(every) / len(every), "questions": len(every)}, **scores}
 
 
 #: The question benchmarks: their files (VLMEvalKit TSVs; MMMU also its parquet) and official outputs.
