@@ -342,3 +342,26 @@ def data_shapes(
         typer.echo(", ".join(f"{name}: {n} row(s)" for name, n in rows.items()) + f" written to {output}")
 
     _run(body)
+
+
+@data_app.command("shapes-bench")
+def data_shapes_bench(
+    output: Path = typer.Argument(..., help="Folder for the files (MMBench_shapes.tsv, MME_shapes.tsv, ...)."),
+    count: int = typer.Option(8, "--count", help="Questions (images, prompts) per benchmark."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world."),
+) -> None:
+    """Small shapes-world files in the public benchmarks' formats (MMBench, MME, POPE, MMMU, GenEval,
+    GEdit-Bench, ImgEdit, WISE), to try `openbagel eval BENCH` offline before the real data."""
+
+    def body():
+        from openbagel.evals.shapes_files import write_shapes_benchmarks
+
+        if not 1 <= count <= MAX_EVAL_ITEMS:
+            raise InvalidInputError(f"--count must be between 1 and {MAX_EVAL_ITEMS}, got {count}")
+        check_output_path(output, "output", folder=True)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise InvalidInputError(f"{str(output)!r} exists and is not an empty folder; give a new folder")
+        for bench, path in write_shapes_benchmarks(output, count, seed).items():
+            typer.echo(f"{bench:8s} {path}")
+
+    _run(body)
