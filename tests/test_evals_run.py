@@ -172,3 +172,28 @@ def test_judged_image_benchmarks_layouts_and_resume(tmp_path):
     assert run_image_jobs(pipe, wise, tmp_path / "wise", resume=True) == 1  # only the missing one
     with pytest.raises(InvalidInputError, match="prompt_id values repeat"):
         wise_jobs([files["wise"], files["wise"]])
+
+
+def test_cli_runs_a_benchmark_and_refuses_bad_input_cleanly(tmp_path):
+    from typer.testing import CliRunner
+
+    from openbagel.cli import app
+    from openbagel.evals.shapes_files import write_shapes_benchmarks
+
+    runner = CliRunner()
+    files = write_shapes_benchmarks(tmp_path / "data", count=2, seed=5)
+    r = runner.invoke(
+        app, ["eval", "pope", "--data", str(files["pope"]), "-o", str(tmp_path / "pope"), "--no-instruction"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "overall.f1" in r.output and (tmp_path / "pope" / "pope_answers.jsonl").is_file()
+    r = runner.invoke(app, ["eval", "pope", "--data", str(files["pope"]), "-o", str(tmp_path / "pope")])
+    assert r.exit_code == 2 and "--resume" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["eval", "mme", "--data", str(tmp_path / "missing.tsv"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "missing.tsv" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["eval", "mmbench", "--data", str(files["pope"]), "-o", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "not in the MMBench format: no column A" in r.output
+    r = runner.invoke(app, ["eval", "imgedit", "--data", str(files["imgedit"]), "-o", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "needs --images" in r.output
+    for bench in ("mmbench", "mme", "pope", "mmmu", "geneval", "gedit", "imgedit", "wise"):
+        assert runner.invoke(app, ["eval", bench, "--help"]).exit_code == 0
