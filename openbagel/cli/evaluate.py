@@ -27,6 +27,14 @@ from openbagel.cli.common import (
 from openbagel.errors import InvalidInputError
 
 MAX_EVAL_ITEMS = 10_000
+BenchModelOpt = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Checkpoint folder (default: the embedded shapes-world model).",
+    envvar="OPENBAGEL_MODEL",
+    show_envvar=False,
+)
 
 eval_app = typer.Typer(help="Score a model on a benchmark.", no_args_is_help=True)
 data_app = typer.Typer(help="Write training data sets.", no_args_is_help=True)
@@ -111,14 +119,7 @@ def _question_benchmark(bench: str, title: str, data_help: str, writes: str) -> 
         output: Path = typer.Option(
             ..., "--output", "-o", help=f"Folder for predictions.jsonl, scores.json, run.json and {writes}."
         ),
-        model: Optional[str] = typer.Option(
-            None,
-            "--model",
-            "-m",
-            help="Checkpoint folder (default: the embedded shapes-world model).",
-            envvar="OPENBAGEL_MODEL",
-            show_envvar=False,
-        ),
+        model: Optional[str] = BenchModelOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N questions."),
         resume: bool = flag("--resume", help="Continue a stopped run in --output, skipping answered questions."),
         think: bool = flag("--think", help="Let the model reason before it answers (reasoning saved, not scored)."),
@@ -196,14 +197,7 @@ _question_benchmark(
 def eval_geneval(
     data: Path = typer.Option(..., "--data", help="GenEval's prompts/evaluation_metadata.jsonl (or the _long one)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the tree GenEval's scorer reads."),
-    model: Optional[str] = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="Checkpoint folder (default: the embedded shapes-world model).",
-        envvar="OPENBAGEL_MODEL",
-        show_envvar=False,
-    ),
+    model: Optional[str] = BenchModelOpt,
     images: int = typer.Option(4, "--images", help="Images per prompt (BAGEL's run: 4)."),
     seed: int = typer.Option(42, "--seed", help="Image k of prompt i uses seed + i * images + k."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts."),
@@ -256,14 +250,7 @@ def _judged_benchmark(bench: str) -> None:
     def command(
         data: list[Path] = typer.Option(..., "--data", help=data_help),
         output: Path = typer.Option(..., "--output", "-o", help=f"Folder for the images: {layout}."),
-        model: Optional[str] = typer.Option(
-            None,
-            "--model",
-            "-m",
-            help="Checkpoint folder (default: the embedded shapes-world model).",
-            envvar="OPENBAGEL_MODEL",
-            show_envvar=False,
-        ),
+        model: Optional[str] = BenchModelOpt,
         images: Optional[Path] = typer.Option(None, "--images", help="ImgEdit only: the folder of the originals."),
         language: str = typer.Option("en", "--language", help="GEdit-Bench only: en, cn, or all."),
         seed: int = typer.Option(42, "--seed", help="Image i (file order) uses seed + i."),

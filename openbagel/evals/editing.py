@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openbagel.errors import InvalidInputError
+from openbagel.evals.folders import check_limit, open_run_folder
 from openbagel.evals.formats import decode_image, read_rows
 from openbagel.fileio import write_atomically
 
@@ -115,15 +116,9 @@ def run_image_jobs(
     Raises:
         InvalidInputError: a bad ``limit``, or an output folder holding another run (without ``resume``).
     """
-    if limit is not None:
-        if limit < 1:
-            raise InvalidInputError(f"--limit must be at least 1, got {limit}")
-        jobs = jobs[:limit]
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out} exists and is not a folder; give an output folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise InvalidInputError(f"{out} already holds files; continue that run with --resume or give a new folder")
+    check_limit(limit)
+    jobs = jobs[:limit] if limit is not None else jobs
+    out = open_run_folder(out, resume)
     made = 0
     for i, job in enumerate(jobs):
         target = out / job.path

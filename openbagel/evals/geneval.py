@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from openbagel.errors import InvalidInputError
+from openbagel.evals.folders import check_limit, open_run_folder
 from openbagel.fileio import write_atomically
 
 #: How to score the folder with GenEval's own scripts (run in a clone of djghosh13/geneval).
@@ -84,15 +85,9 @@ def run_geneval(
     items = read_geneval(data)
     if images_per_prompt < 1:
         raise InvalidInputError(f"--images must be at least 1, got {images_per_prompt}")
-    if limit is not None:
-        if limit < 1:
-            raise InvalidInputError(f"--limit must be at least 1, got {limit}")
-        items = items[:limit]
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out} exists and is not a folder; give an output folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise InvalidInputError(f"{out} already holds files; continue that run with --resume or give a new folder")
+    check_limit(limit)
+    items = items[:limit] if limit is not None else items
+    out = open_run_folder(out, resume)
     done_now = 0
     for i, item in enumerate(items):
         folder = out / f"{i:05d}"

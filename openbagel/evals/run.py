@@ -17,6 +17,7 @@ from pathlib import Path
 
 from openbagel.errors import InvalidInputError
 from openbagel.evals.answers import MMMUChoiceParser, infer_choice, mmmu_open_correct, yes_no_mme, yes_no_pope
+from openbagel.evals.folders import check_limit, open_run_folder
 from openbagel.evals.formats import (
     Question,
     decode_image,
@@ -218,19 +219,13 @@ def run_benchmark(
         raise InvalidInputError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
     spec = BENCHMARKS[bench]
     questions = spec.questions(read_rows(data))
+    check_limit(limit)
     if limit is not None:
-        if limit < 1:
-            raise InvalidInputError(f"--limit must be at least 1, got {limit}")
         questions = _first(questions, limit, circular=bench == "mmbench")
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise InvalidInputError(f"{data}: question ids repeat; each row needs its own index")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out} exists and is not a folder; give an output folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise InvalidInputError(f"{out} already holds files; continue that run with --resume or give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_folder(out, resume)
     info = {"benchmark": spec.title, "data": str(data), "questions": len(questions), "think": think,
             "instruction": instruction,
             "decoding": "greedy", "max_new_tokens": None if think else spec.max_new_tokens, **(run_info or {})}  # fmt: skip
