@@ -197,3 +197,64 @@ def test_cli_runs_a_benchmark_and_refuses_bad_input_cleanly(tmp_path):
     assert r.exit_code == 2 and "needs --images" in r.output
     for bench in ("mmbench", "mme", "pope", "mmmu", "geneval", "gedit", "imgedit", "wise"):
         assert runner.invoke(app, ["eval", bench, "--help"]).exit_code == 0
+
+
+def test_names_from_files_cannot_leave_the_output_folder(tmp_path):
+    from openbagel.evals.editing import imgedit_jobs, wise_jobs
+    from openbagel.evals.folders import safe_name
+    from openbagel.evals.formats import read_rows, yes_no_questions
+
+    for bad in ("", ".", "..", "../x", "a/b", "/tmp/x", ".hidden", "a\\b"):
+        with pytest.raises(InvalidInputError, match="not a plain file name"):
+            safe_name(bad, "key")
+    assert safe_name("existence", "category") == "existence"
+    rows = [{"index": 0, "image": b64("white"), "question": "q", "answer": "Yes", "category": "../../x"}]
+    with pytest.raises(InvalidInputError, match="MME category '../../x' is not a plain file name"):
+        yes_no_questions(read_rows(write_tsv(tmp_path / "mme.tsv", rows)), "MME")
+    (tmp_path / "w.json").write_text(json.dumps([{"prompt_id": "../up", "Prompt": "p"}]))
+    with pytest.raises(InvalidInputError, match="WISE prompt_id"):
+        wise_jobs([tmp_path / "w.json"])
+    (tmp_path / "originals").mkdir()
+    (tmp_path / "i.json").write_text(json.dumps({"k": {"id": "../w.json", "prompt": "p", "edit_type": "x"}}))
+    with pytest.raises(InvalidInputError, match="points outside --images"):
+        imgedit_jobs(tmp_path / "i.json", tmp_path / "originals")
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path):
+    data = mmbench_file(tmp_path)
+    model = ScriptedModel({"Q1": "A", "Q2": "B"})
+    run_benchmark(model, "mmbench", data, tmp_path / "out", limit=1)
+    with pytest.raises(InvalidInputError, match="holds a run with instruction=True, not False"):
+        run_benchmark(model, "mmbench", data, tmp_path / "out", resume=True, instruction=False)
+    with pytest.raises(InvalidInputError, match="holds a run with think=False, not True"):
+        run_benchmark(model, "mmbench", data, tmp_path / "out", resume=True, think=True)
+    run_benchmark(model, "mmbench", data, tmp_path / "out", resume=True)  # the same settings, without --limit
+
+
+def test_unreadable_files_are_named_not_tracebacks(tmp_path):
+    from openbagel.evals.formats import mmmu_questions, read_rows
+
+    (tmp_path / "latin.tsv").write_bytes("index\tquestion\n1\tcaf\xe9\n".encode("latin-1"))
+    with pytest.raises(InvalidInputError, match="could not be read as a .tsv"):
+        read_rows(tmp_path / "latin.tsv")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InvalidInputError, match="could not be read as a .parquet"):
+        read_rows(tmp_path / "junk.parquet")
+    (tmp_path / "bom.tsv").write_bytes("\ufeffindex\tquestion\n1\tq\n".encode())
+    assert read_rows(tmp_path / "bom.tsv") == [{"index": "1", "question": "q"}]  # a byte-order mark is dropped
+    row = {"id": "v_1", "question": "q", "options": "['a', 'b'", "answer": "A", "question_type": "multiple-choice"}
+    with pytest.raises(InvalidInputError, match="MMMU v_1 options .* is not a list"):
+        mmmu_questions([row])
+
+
+def test_mmbench_predictions_tsv_survives_tabs_newlines_and_quotes(tmp_path):
+    import csv
+
+    rows = [{"index": 1, "question": 'a "big"\tcircle?', "hint": "", "A": "red\nish", "B": "blue", "answer": "A",
+             "category": "c", "image": b64("red")}]  # fmt: skip
+    run_benchmark(
+        ScriptedModel({'a "big"\tcircle?': "A"}), "mmbench", write_tsv(tmp_path / "m.tsv", rows), tmp_path / "o"
+    )
+    with (tmp_path / "o" / "mmbench_predictions.tsv").open(newline="") as f:
+        table = list(csv.DictReader(f, delimiter="\t"))
+    assert len(table) == 1 and table[0]["question"] == 'a "big" circle?' and table[0]["A"] == "red ish"

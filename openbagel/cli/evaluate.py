@@ -120,7 +120,9 @@ def _question_benchmark(bench: str, title: str, data_help: str, writes: str) -> 
             ..., "--output", "-o", help=f"Folder for predictions.jsonl, scores.json, run.json and {writes}."
         ),
         model: Optional[str] = BenchModelOpt,
-        limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N questions."),
+        limit: Optional[int] = typer.Option(
+            None, "--limit", help="Answer only the first N questions (MMBench: with their circular copies)."
+        ),
         resume: bool = flag("--resume", help="Continue a stopped run in --output, skipping answered questions."),
         think: bool = flag("--think", help="Let the model reason before it answers (reasoning saved, not scored)."),
         no_instruction: bool = flag(
@@ -135,14 +137,13 @@ def _question_benchmark(bench: str, title: str, data_help: str, writes: str) -> 
         def body():
             from tqdm.auto import tqdm
 
-            from openbagel.evals.formats import read_rows
-            from openbagel.evals.run import BENCHMARKS, run_benchmark
+            from openbagel.evals.run import load_questions, run_benchmark
 
             check_input_path(data, "--data file")
             check_output_path(output, "--output", folder=True)
-            total = len(BENCHMARKS[bench].questions(read_rows(data)))  # a bad file fails before the weights load
+            total = len(load_questions(bench, data, limit))  # a bad file or limit fails before the weights load
             pipe = _load(model, device, dtype, quant=quant)
-            with tqdm(total=min(total, limit or total), desc=title, unit="question") as bar:
+            with tqdm(total=total, desc=title, unit="question") as bar:
                 scores = run_benchmark(
                     pipe, bench, data, output, limit=limit, resume=resume, think=think,
                     instruction=not no_instruction, progress=bar.update,
@@ -223,6 +224,7 @@ def eval_geneval(
             run_geneval(
                 pipe, data, output, images_per_prompt=images, seed=seed, limit=limit, resume=resume,
                 think=think, num_timesteps=steps, progress=bar.update,
+                run_info={"model": str(model or "embedded"), "quant": quant},
             )  # fmt: skip
         typer.echo(f"images written to {output}; score them in a clone of djghosh13/geneval with its detector:")
         for command in SCORER_COMMANDS:
@@ -286,6 +288,8 @@ def _judged_benchmark(bench: str) -> None:
                 run_image_jobs(
                     pipe, jobs, output, seed=seed, limit=limit, resume=resume, think=think,
                     num_timesteps=steps, progress=bar.update,
+                    run_info={"benchmark": title, "data": [str(p.resolve()) for p in data], "language": language,
+                              "model": str(model or "embedded"), "quant": quant},
                 )  # fmt: skip
             typer.echo(
                 f"images written to {output}; score them with {title}'s scorer and a judge (README, Public benchmarks)"

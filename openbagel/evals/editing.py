@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openbagel.errors import InvalidInputError
-from openbagel.evals.folders import check_limit, open_run_folder
+from openbagel.evals.folders import check_limit, open_run_folder, record_run, safe_name
 from openbagel.evals.formats import decode_image, read_rows
 from openbagel.fileio import write_atomically
 
@@ -50,13 +50,15 @@ def gedit_jobs(rows: list[dict[str, object]], language: str | None = "en") -> li
         raise InvalidInputError(f"not in the GEdit-Bench format: no column {', '.join(missing)}")
     jobs = []
     for r in rows:
-        lang = str(r["instruction_language"])
+        lang = safe_name(r["instruction_language"], "GEdit-Bench instruction_language")
         if language is not None and lang != language:
             continue
-        base = f"fullset/{r['task_type']}/{lang}/{r['key']}"
+        task, key = safe_name(r["task_type"], "GEdit-Bench task_type"), safe_name(r["key"], "GEdit-Bench key")
+        base = f"fullset/{task}/{lang}/{key}"
         jobs.append(ImageJob(f"{base}.png", str(r["instruction"]), r["input_image"], f"{base}_SRCIMG.png"))
     if not jobs:
-        raise InvalidInputError(f"no GEdit-Bench rows in language {language!r} (the file has en and cn)")
+        found = sorted({str(r["instruction_language"]) for r in rows})
+        raise InvalidInputError(f"no GEdit-Bench rows in language {language!r}; the file has {', '.join(found)}")
     return jobs
 
 
@@ -71,11 +73,16 @@ def imgedit_jobs(path: Path, images: Path) -> list[ImageJob]:
     ):
         raise InvalidInputError(f"{path}: expected ImgEdit's basic_edit.json (key -> id, prompt, edit_type)")
     jobs = []
+    root = Path(images).resolve()
+    if not root.is_dir():
+        raise InvalidInputError(f"--images {images} is not a folder: give the folder of ImgEdit's originals")
     for key, item in table.items():
-        source = Path(images) / str(item["id"])
+        source = (root / str(item["id"])).resolve()
+        if not source.is_relative_to(root):
+            raise InvalidInputError(f"ImgEdit id {item['id']!r} points outside --images; fix that entry")
         if not source.is_file():
             raise InvalidInputError(f"ImgEdit original {source} not found: pass the originals' folder with --images")
-        jobs.append(ImageJob(f"{key}.png", str(item["prompt"]), source))
+        jobs.append(ImageJob(f"{safe_name(key, 'ImgEdit key')}.png", str(item["prompt"]), source))
     return jobs
 
 
@@ -86,7 +93,7 @@ def wise_jobs(paths: list[Path]) -> list[ImageJob]:
         for row in read_rows(path):
             if "Prompt" not in row or "prompt_id" not in row:
                 raise InvalidInputError(f"{path}: a WISE row needs Prompt and prompt_id")
-            jobs.append(ImageJob(f"{row['prompt_id']}.png", str(row["Prompt"])))
+            jobs.append(ImageJob(f"{safe_name(row['prompt_id'], 'WISE prompt_id')}.png", str(row["Prompt"])))
     ids = [j.path for j in jobs]
     if len(set(ids)) != len(ids):
         raise InvalidInputError("WISE prompt_id values repeat across the given files")
@@ -110,8 +117,12 @@ def run_image_jobs(
     think: bool = False,
     num_timesteps: int | None = None,
     progress: Callable[[int], None] | None = None,
+    run_info: dict | None = None,
 ) -> int:
     """Make each job's image under ``out`` (skipping those already there with ``resume``); return how many now.
+
+    The settings go to ``OUT/run.json`` (with ``run_info``: the benchmark, data, model...); ``resume``
+    refuses a folder made with other settings.
 
     Raises:
         InvalidInputError: a bad ``limit``, or an output folder holding another run (without ``resume``).
@@ -119,10 +130,13 @@ def run_image_jobs(
     check_limit(limit)
     jobs = jobs[:limit] if limit is not None else jobs
     out = open_run_folder(out, resume)
+    record_run(out, {"seed": seed, "think": think, "num_timesteps": num_timesteps, **(run_info or {})}, resume)
     made = 0
     for i, job in enumerate(jobs):
         target = out / job.path
         if target.is_file():
+            if progress is not None:
+                progress(1)  # done before a resume
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if job.source is None:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from openbagel.errors import InvalidInputError
 from openbagel.evals.answers import options_of
+from openbagel.evals.folders import safe_name
 
 #: BAGEL's instruction after a multiple-choice question (its MMBench and MMMU scripts).
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -74,23 +75,30 @@ def read_rows(path: Path) -> list[dict[str, object]]:
     if not path.is_file():
         raise InvalidInputError(f"benchmark file {path} not found: pass the file you downloaded with --data")
     suffix = path.suffix.lower()
-    if suffix == ".tsv":
-        csv.field_size_limit(sys.maxsize)
-        with path.open(newline="", encoding="utf-8") as f:
-            rows: list[dict[str, object]] = list(csv.DictReader(f, delimiter="\t"))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+    try:
+        if suffix == ".tsv":
+            csv.field_size_limit(sys.maxsize)
+            with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped
+                rows: list[dict[str, object]] = list(csv.DictReader(f, delimiter="\t"))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-    elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise InvalidInputError(f"{path}: expected a JSON list of rows")
-    else:
-        raise InvalidInputError(f"{path}: unknown benchmark file type {suffix!r} (expected .tsv, .parquet, .jsonl)")
+            rows = pq.read_table(path).to_pylist()
+        elif suffix == ".jsonl":
+            with path.open(encoding="utf-8-sig") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        else:
+            raise InvalidInputError(
+                f"{path}: unknown benchmark file type {suffix!r} (expected .tsv, .parquet, .jsonl or .json)"
+            )
+    except InvalidInputError:
+        raise
+    except (UnicodeDecodeError, ValueError, OSError, csv.Error) as e:  # JSON, Arrow (ArrowInvalid is a ValueError)
+        raise InvalidInputError(f"{path} could not be read as a {suffix} benchmark file: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise InvalidInputError(f"{path}: expected a list of rows (objects)")
     if not rows:
         raise InvalidInputError(f"{path} holds no rows")
     if "image" in rows[0]:
@@ -165,6 +173,8 @@ def yes_no_questions(rows: list[dict[str, object]], bench: str) -> list[Question
         if answer not in (None, "yes", "no"):
             raise InvalidInputError(f"{bench} row {r['index']}: answer {answer!r} is not yes or no")
         name = _text(r, "image_path") or str(r["index"])
+        if bench == "MME":
+            safe_name(_text(r, "category"), "MME category")  # it names a results file
         question = _text(r, "question")
         out.append(
             Question(
@@ -180,9 +190,15 @@ def yes_no_questions(rows: list[dict[str, object]], bench: str) -> list[Question
     return out
 
 
-def _list_cell(value: object) -> list[object]:
-    if isinstance(value, str) and value.startswith("["):
-        return list(ast.literal_eval(value))
+def _list_cell(value: object, what: str) -> list[object]:
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise InvalidInputError(f"{what} {value[:80]!r} is not a list") from None
+        if not isinstance(parsed, list):
+            raise InvalidInputError(f"{what} {value[:80]!r} is not a list")
+        return parsed
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
@@ -200,7 +216,7 @@ def mmmu_questions(rows: list[dict[str, object]]) -> list[Question]:
     for r in rows:
         if "options" in r:  # the dataset card's parquet
             _require(rows, ("id", "question", "options", "question_type"), "MMMU")
-            choices = _list_cell(r["options"]) if r["options"] not in (None, "") else []
+            choices = _list_cell(r["options"], f"MMMU {r['id']} options") if r["options"] not in (None, "") else []
             options = {chr(65 + i): str(c).strip() for i, c in enumerate(choices)}
             images = [r[f"image_{k}"] for k in range(1, 8) if r.get(f"image_{k}") is not None]
             qtype = _text(r, "question_type")
@@ -208,7 +224,7 @@ def mmmu_questions(rows: list[dict[str, object]]) -> list[Question]:
         else:  # VLMEvalKit's TSV
             _require(rows, ("index", "question", "image"), "MMMU")
             options = options_of(r)
-            images = _list_cell(r["image"])
+            images = _list_cell(r["image"], f"MMMU row {r['index']} image")
             qtype = "multiple-choice" if options else "open"
             qid = str(r["index"])
         lines = [_text(r, "question")] + [f"{k}. {v}" for k, v in options.items()]

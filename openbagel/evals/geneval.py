@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from openbagel.errors import InvalidInputError
-from openbagel.evals.folders import check_limit, open_run_folder
+from openbagel.evals.folders import check_limit, open_run_folder, record_run
 from openbagel.fileio import write_atomically
 
 #: How to score the folder with GenEval's own scripts (run in a clone of djghosh13/geneval).
@@ -72,12 +72,15 @@ def run_geneval(
     think: bool = False,
     num_timesteps: int | None = None,
     progress: Callable[[int], None] | None = None,
+    run_info: dict | None = None,
 ) -> int:
     """Generate ``images_per_prompt`` images per prompt into GenEval's tree; return the prompts done now.
 
     Image ``k`` of prompt ``i`` (0-based, file order) uses seed ``seed + i * images_per_prompt + k``,
     recorded in ``OUT/<i>/seeds.json``, so any image can be made again alone. A prompt's images are
     generated in one batch at the model's text-to-image defaults (BAGEL-7B-MoT's are the published run's).
+    The settings go to ``OUT/run.json`` (with ``run_info``: the model's name...); ``resume`` refuses a folder
+    made with other settings.
 
     Raises:
         InvalidInputError: a bad file or count, or an output folder holding another run (without ``resume``).
@@ -88,11 +91,16 @@ def run_geneval(
     check_limit(limit)
     items = items[:limit] if limit is not None else items
     out = open_run_folder(out, resume)
+    info = {"benchmark": "GenEval", "data": str(Path(data).resolve()), "images_per_prompt": images_per_prompt,
+            "seed": seed, "think": think, "num_timesteps": num_timesteps, **(run_info or {})}  # fmt: skip
+    record_run(out, info, resume)
     done_now = 0
     for i, item in enumerate(items):
         folder = out / f"{i:05d}"
         names = [folder / "samples" / f"{k:05d}.png" for k in range(images_per_prompt)]
         if (folder / "metadata.jsonl").is_file() and all(p.is_file() for p in names):
+            if progress is not None:
+                progress(1)  # done before a resume
             continue
         seeds = [seed + i * images_per_prompt + k for k in range(images_per_prompt)]
         result = pipe.text_to_image(

@@ -10,6 +10,7 @@ submission takes (see :data:`BENCHMARKS`).
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from openbagel.errors import InvalidInputError
 from openbagel.evals.answers import MMMUChoiceParser, infer_choice, mmmu_open_correct, yes_no_mme, yes_no_pope
-from openbagel.evals.folders import check_limit, open_run_folder
+from openbagel.evals.folders import check_limit, open_run_folder, record_run, safe_name
 from openbagel.evals.formats import (
     Question,
     decode_image,
@@ -69,16 +70,20 @@ def _one_line(text: str) -> str:
 
 def _finish_mmbench(questions: list[Question], replies: dict[str, str], out: Path) -> dict:
     letters = "ABCDE"
-    header = ["index", "question", *letters, "answer", "category", "prediction"]
-    lines = ["\t".join(header)]
+    rows = [["index", "question", *letters, "answer", "category", "prediction"]]
     results = []
     for q in questions:
         reply = replies[q.id]
-        cells = [q.id, _one_line(q.meta["question"])] + [q.options.get(k, "") for k in letters]
-        lines.append("\t".join([*cells, q.answer or "", q.category, _one_line(reply)]))
+        options = [q.options.get(k, "") for k in letters]
+        rows.append([_one_line(c) for c in (q.id, q.meta["question"], *options, q.answer or "", q.category, reply)])
         if q.answer is not None:
             results.append(ChoiceResult(int(q.id), q.answer, infer_choice(reply, q.options), q.category))
-    _write_text(out / "mmbench_predictions.tsv", "\n".join(lines) + "\n")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(rows)
+
+    write_atomically(out / "mmbench_predictions.tsv", write)
     if not results:
         return {}
     circular = any(r.index >= CIRCULAR_OFFSET for r in results)
@@ -93,14 +98,14 @@ def _finish_mme(questions: list[Question], replies: dict[str, str], out: Path) -
         reply = replies[q.id]
         gt = (q.answer or "").capitalize()
         by_task.setdefault(q.category, []).append(
-            "\t".join([q.meta["image"], q.meta["question"], gt, _one_line(reply)])
+            "\t".join([q.meta["image"], _one_line(q.meta["question"]), gt, _one_line(reply)])
         )
         if q.answer is not None:
             results.append(YesNoResult(q.category, q.meta["image"], q.answer, yes_no_mme(reply)))
     folder = out / "mme_results"
     folder.mkdir(exist_ok=True)
     for task, lines in by_task.items():
-        _write_text(folder / f"{task}.txt", "\n".join(lines) + "\n")
+        _write_text(folder / f"{safe_name(task, 'MME category')}.txt", "\n".join(lines) + "\n")
     return mme_scores(results) if results else {}
 
 
@@ -152,7 +157,8 @@ BENCHMARKS: dict[str, QuestionBenchmark] = {
 
 
 def _done(path: Path) -> dict[str, dict]:
-    """Answered lines of a predictions file; a torn last line (a kill mid-write) is dropped from the file."""
+    """Answered lines of a predictions file; a torn last line (a kill mid-write) or any line that is not an
+    answer record is dropped from the file (and answered again)."""
     done: dict[str, dict] = {}
     if not path.exists():
         return done
@@ -162,6 +168,8 @@ def _done(path: Path) -> dict[str, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("reply"), str):
+            continue  # not one of ours: answered again
         done[str(record["id"])] = record
         good.append(line)
     _write_text(path, "".join(f"{line}\n" for line in good))
@@ -178,6 +186,24 @@ def _first(questions: list[Question], n: int, *, circular: bool) -> list[Questio
             break
         keep.setdefault(int(q.id) % CIRCULAR_OFFSET)
     return [q for q in questions if int(q.id) % CIRCULAR_OFFSET in keep]
+
+
+def load_questions(bench: str, data: Path, limit: int | None = None) -> list[Question]:
+    """The questions a run of ``bench`` on ``data`` asks (``limit``: see :func:`run_benchmark`), checked.
+
+    Raises:
+        InvalidInputError: an unknown benchmark, a bad file or limit, or repeated question ids.
+    """
+    if bench not in BENCHMARKS:
+        raise InvalidInputError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    check_limit(limit)
+    questions = BENCHMARKS[bench].questions(read_rows(data))
+    if limit is not None:
+        questions = _first(questions, limit, circular=bench == "mmbench")
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"{data}: question ids repeat; each row needs its own index")
+    return questions
 
 
 def run_benchmark(
@@ -206,7 +232,7 @@ def run_benchmark(
         think: let the model reason before answering (reasoning saved, not scored).
         instruction: append BAGEL's instruction sentence to each question (``False``: the bare question
             and options, for models never trained on such instructions, like the embedded one).
-        progress: called with 1 after each answered question.
+        progress: called with 1 after each question (answered now, or before a resume).
         run_info: more fields for ``run.json`` (the model's name, ...).
 
     Returns:
@@ -215,25 +241,19 @@ def run_benchmark(
     Raises:
         InvalidInputError: an unknown benchmark, a bad file, or an output folder that holds another run.
     """
-    if bench not in BENCHMARKS:
-        raise InvalidInputError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    questions = load_questions(bench, data, limit)
     spec = BENCHMARKS[bench]
-    questions = spec.questions(read_rows(data))
-    check_limit(limit)
-    if limit is not None:
-        questions = _first(questions, limit, circular=bench == "mmbench")
-    ids = [q.id for q in questions]
-    if len(set(ids)) != len(ids):
-        raise InvalidInputError(f"{data}: question ids repeat; each row needs its own index")
     out = open_run_folder(out, resume)
-    info = {"benchmark": spec.title, "data": str(data), "questions": len(questions), "think": think,
-            "instruction": instruction,
-            "decoding": "greedy", "max_new_tokens": None if think else spec.max_new_tokens, **(run_info or {})}  # fmt: skip
-    _write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+    info = {"benchmark": spec.title, "data": str(Path(data).resolve()), "questions": len(questions),
+            "think": think, "instruction": instruction, "decoding": "greedy",
+            "max_new_tokens": None if think else spec.max_new_tokens, **(run_info or {})}  # fmt: skip
+    record_run(out, info, resume)
     done = _done(out / PREDICTIONS)
     with (out / PREDICTIONS).open("a", encoding="utf-8") as log:
         for q in questions:
             if q.id in done:
+                if progress is not None:
+                    progress(1)
                 continue
             images = [decode_image(cell) for cell in q.images]
             if images and spec.first_image_scale != 1:
