@@ -258,3 +258,36 @@ def test_mmbench_predictions_tsv_survives_tabs_newlines_and_quotes(tmp_path):
     with (tmp_path / "o" / "mmbench_predictions.tsv").open(newline="") as f:
         table = list(csv.DictReader(f, delimiter="\t"))
     assert len(table) == 1 and table[0]["question"] == 'a "big" circle?' and table[0]["A"] == "red ish"
+
+
+def test_bad_settings_and_images_are_refused_before_the_weights_load(tmp_path):
+    """With a model folder that does not exist, each input error must win over the checkpoint error."""
+    from typer.testing import CliRunner
+
+    from openbagel.cli import app
+    from openbagel.evals.shapes_files import write_shapes_benchmarks
+
+    runner = CliRunner()
+    files = write_shapes_benchmarks(tmp_path / "data", count=2, seed=5)
+    bad_image = [{"index": 0, "image": "bm90IGFuIGltYWdl", "question": "q", "answer": "Yes", "category": "existence"}]
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("another run")
+    nomodel = ["--model", str(tmp_path / "no-such-model")]
+    cases = [
+        (["eval", "mme", "--data", str(write_tsv(tmp_path / "bad.tsv", bad_image)), "-o", str(tmp_path / "a")],
+         "row 0: its image cannot be read"),
+        (["eval", "pope", "--data", str(files["pope"]), "-o", str(used)], "already holds files"),
+        (["eval", "geneval", "--data", str(files["geneval"]), "-o", str(tmp_path / "b"), "--images", "0"],
+         "--images must be at least 1"),
+        (["eval", "geneval", "--data", str(files["geneval"]), "-o", str(tmp_path / "c"), "--limit", "0"],
+         "--limit must be at least 1"),
+        (["eval", "wise", "--data", str(files["wise"]), "-o", str(tmp_path / "d"), "--seed", "-1"],
+         "--seed must be 0 or more"),
+        (["eval", "gedit", "--data", str(files["gedit"]), "-o", str(tmp_path / "e"), "--steps", "1"],
+         "--steps must be at least 2"),
+    ]  # fmt: skip
+    for args, message in cases:
+        r = runner.invoke(app, [*args, *nomodel])
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written

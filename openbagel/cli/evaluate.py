@@ -137,11 +137,13 @@ def _question_benchmark(bench: str, title: str, data_help: str, writes: str) -> 
         def body():
             from tqdm.auto import tqdm
 
+            from openbagel.evals.folders import check_run_folder
             from openbagel.evals.run import load_questions, run_benchmark
 
             check_input_path(data, "--data file")
             check_output_path(output, "--output", folder=True)
             total = len(load_questions(bench, data, limit))  # a bad file or limit fails before the weights load
+            check_run_folder(output, resume)
             pipe = _load(model, device, dtype, quant=quant)
             with tqdm(total=total, desc=title, unit="question") as bar:
                 scores = run_benchmark(
@@ -214,11 +216,17 @@ def eval_geneval(
     def body():
         from tqdm.auto import tqdm
 
+        from openbagel.evals.folders import check_limit, check_run_folder
         from openbagel.evals.geneval import SCORER_COMMANDS, read_geneval, run_geneval
 
         check_input_path(data, "--data file")
         check_output_path(output, "--output", folder=True)
-        total = len(read_geneval(data))  # a bad file fails before the weights load
+        total = len(read_geneval(data))  # a bad file or setting fails before the weights load
+        check_limit(limit)
+        _check_run_settings(seed, steps)
+        if images < 1:
+            raise InvalidInputError(f"--images must be at least 1, got {images}")
+        check_run_folder(output, resume)
         pipe = _load(model, device, dtype, quant=quant)
         with tqdm(total=min(total, limit or total), desc="GenEval", unit="prompt") as bar:
             run_geneval(
@@ -231,6 +239,14 @@ def eval_geneval(
             typer.echo("  " + command.format(out=output))
 
     _run(body)
+
+
+def _check_run_settings(seed: int, steps: int | None) -> None:
+    """The image benchmarks' --seed and --steps, refused before the weights load."""
+    if seed < 0:
+        raise InvalidInputError(f"--seed must be 0 or more, got {seed}")
+    if steps is not None and steps < 2:
+        raise InvalidInputError(f"--steps must be at least 2 (schedule points), got {steps}")
 
 
 _JUDGED = {
@@ -268,7 +284,8 @@ def _judged_benchmark(bench: str) -> None:
             from tqdm.auto import tqdm
 
             from openbagel.evals.editing import gedit_jobs, imgedit_jobs, run_image_jobs, wise_jobs
-            from openbagel.evals.formats import read_rows
+            from openbagel.evals.folders import check_limit, check_run_folder
+            from openbagel.evals.formats import check_images, read_rows
 
             for path in data:
                 check_input_path(path, "--data file")
@@ -283,6 +300,12 @@ def _judged_benchmark(bench: str) -> None:
                 jobs = imgedit_jobs(data[0], images)
             else:
                 jobs = wise_jobs(data)
+            check_limit(limit)
+            _check_run_settings(seed, steps)
+            check_images(
+                [(job.path, job.source) for job in jobs if job.source is not None and not isinstance(job.source, Path)]
+            )
+            check_run_folder(output, resume)
             pipe = _load(model, device, dtype, quant=quant)
             with tqdm(total=min(len(jobs), limit or len(jobs)), desc=title, unit="image") as bar:
                 run_image_jobs(

@@ -13,17 +13,23 @@ def check_limit(limit: int | None) -> None:
         raise InvalidInputError(f"--limit must be at least 1, got {limit}")
 
 
-def open_run_folder(out: Path, resume: bool) -> Path:
-    """The output folder, created; a folder that already holds files only with ``resume``.
+def check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse an output folder that is a file, or that holds files when ``resume`` is not set (no side effect).
 
     Raises:
-        InvalidInputError: ``out`` is a file, or holds another run and ``resume`` is not set.
+        InvalidInputError: as said.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"{out} exists and is not a folder; give an output folder")
     if out.is_dir() and any(out.iterdir()) and not resume:
         raise InvalidInputError(f"{out} already holds files; continue that run with --resume or give a new folder")
+
+
+def open_run_folder(out: Path, resume: bool) -> Path:
+    """The output folder, checked (:func:`check_run_folder`) and created."""
+    check_run_folder(out, resume)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -124,7 +124,30 @@ def decode_image(cell: object) -> Image.Image:
             raise ValueError(f"unexpected image cell of type {type(cell).__name__}")
         return Image.open(io.BytesIO(data)).convert("RGB")
     except Exception as e:  # binascii, PIL: all mean a cell that is not an image
-        raise InvalidInputError(f"an image cell could not be decoded ({e}): is this the benchmark's file?") from None
+        raise InvalidInputError(
+            f"an image cell could not be decoded ({type(e).__name__}): is this the benchmark's file?"
+        ) from None
+
+
+def check_images(cells: list[tuple[str, object]]) -> None:
+    """Check that every ``(row id, image cell)`` holds a readable image, before any model work.
+
+    Raises:
+        InvalidInputError: naming the first row whose image cannot be read.
+    """
+    for row, cell in cells:
+        data = cell.get("bytes") if isinstance(cell, Mapping) else cell
+        try:
+            if isinstance(data, str):
+                data = base64.b64decode(data, validate=False)
+            if not isinstance(data, (bytes, bytearray)):
+                raise ValueError(f"a cell of type {type(cell).__name__}")
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()
+        except Exception as e:  # binascii, PIL, ValueError: all mean a cell that is not an image
+            raise InvalidInputError(
+                f"row {row}: its image cannot be read ({type(e).__name__}: {e}); fix or drop that row"
+            ) from None
 
 
 def _text(row: Mapping[str, object], key: str) -> str:

@@ -21,6 +21,7 @@ from openbagel.evals.answers import MMMUChoiceParser, infer_choice, mmmu_open_co
 from openbagel.evals.folders import check_limit, open_run_folder, record_run, safe_name
 from openbagel.evals.formats import (
     Question,
+    check_images,
     decode_image,
     mmbench_questions,
     mmmu_questions,
@@ -192,7 +193,8 @@ def load_questions(bench: str, data: Path, limit: int | None = None) -> list[Que
     """The questions a run of ``bench`` on ``data`` asks (``limit``: see :func:`run_benchmark`), checked.
 
     Raises:
-        InvalidInputError: an unknown benchmark, a bad file or limit, or repeated question ids.
+        InvalidInputError: an unknown benchmark, a bad file or limit, repeated question ids, or an image
+            that cannot be read (named by its row).
     """
     if bench not in BENCHMARKS:
         raise InvalidInputError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
@@ -203,6 +205,7 @@ def load_questions(bench: str, data: Path, limit: int | None = None) -> list[Que
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise InvalidInputError(f"{data}: question ids repeat; each row needs its own index")
+    check_images([(q.id, cell) for q in questions for cell in q.images])
     return questions
 
 
