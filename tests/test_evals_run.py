@@ -291,3 +291,15 @@ def test_bad_settings_and_images_are_refused_before_the_weights_load(tmp_path):
         r = runner.invoke(app, [*args, *nomodel])
         assert r.exit_code == 2 and message in r.output, (args, r.output)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_values_the_benchmarks_never_hold_are_refused(tmp_path):
+    from openbagel.evals.formats import mmbench_questions, mmmu_questions, read_rows
+
+    row = {"index": 1, "question": "q", "hint": "", "A": "red", "B": "blue", "answer": "Z", "category": "c",
+           "image": b64("red")}  # fmt: skip
+    with pytest.raises(InvalidInputError, match="answer 'Z' is not one of its options \\(A, B\\)"):
+        mmbench_questions(read_rows(write_tsv(tmp_path / "m.tsv", [row])))
+    mmmu = {"id": "v_1", "question": "q", "options": "a, b, c", "answer": "A", "question_type": "multiple-choice"}
+    with pytest.raises(InvalidInputError, match="MMMU v_1 options 'a, b, c' is not a list"):
+        mmmu_questions([mmmu])

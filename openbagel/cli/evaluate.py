@@ -270,7 +270,9 @@ def _judged_benchmark(bench: str) -> None:
         output: Path = typer.Option(..., "--output", "-o", help=f"Folder for the images: {layout}."),
         model: Optional[str] = BenchModelOpt,
         images: Optional[Path] = typer.Option(None, "--images", help="ImgEdit only: the folder of the originals."),
-        language: str = typer.Option("en", "--language", help="GEdit-Bench only: en, cn, or all."),
+        language: Optional[str] = typer.Option(
+            None, "--language", help="GEdit-Bench only: en (default), cn, or all.", show_default=False
+        ),
         seed: int = typer.Option(42, "--seed", help="Image i (file order) uses seed + i."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
         resume: bool = flag("--resume", help="Continue a stopped run in --output, skipping images already made."),
@@ -292,8 +294,13 @@ def _judged_benchmark(bench: str) -> None:
             check_output_path(output, "--output", folder=True)
             if bench != "wise" and len(data) != 1:
                 raise InvalidInputError(f"{title} takes one --data file, got {len(data)}")
+            if images is not None and bench != "imgedit":
+                raise InvalidInputError(f"--images is for imgedit (its originals); {title} does not take it")
+            if language is not None and bench != "gedit":
+                raise InvalidInputError(f"--language is for gedit; {title} does not take it")
             if bench == "gedit":
-                jobs = gedit_jobs(read_rows(data[0]), None if language == "all" else language)
+                lang = language or "en"
+                jobs = gedit_jobs(read_rows(data[0]), None if lang == "all" else lang)
             elif bench == "imgedit":
                 if images is None:
                     raise InvalidInputError("ImgEdit needs --images, the folder its basic_edit.json ids are under")
@@ -311,7 +318,7 @@ def _judged_benchmark(bench: str) -> None:
                 run_image_jobs(
                     pipe, jobs, output, seed=seed, limit=limit, resume=resume, think=think,
                     num_timesteps=steps, progress=bar.update,
-                    run_info={"benchmark": title, "data": [str(p.resolve()) for p in data], "language": language,
+                    run_info={"benchmark": title, "data": [str(p.resolve()) for p in data], "language": language or "",
                               "model": str(model or "embedded"), "quant": quant},
                 )  # fmt: skip
             typer.echo(

@@ -177,6 +177,10 @@ def mmbench_questions(rows: list[dict[str, object]]) -> list[Question]:
         lines = [t for t in (_text(r, "hint"), _text(r, "question")) if t]
         lines += [f"{k}. {v}" for k, v in options.items()]
         answer = _text(r, "answer") or None
+        if answer is not None and answer not in options:
+            raise InvalidInputError(
+                f"MMBench row {r['index']}: answer {answer!r} is not one of its options ({', '.join(options)})"
+            )
         body, category, meta = "\n".join(lines), _text(r, "category"), {"question": _text(r, "question")}
         instruction = f"\n{MCQ_INSTRUCTION}"
         out.append(Question(str(r["index"]), body, instruction, [r["image"]], options, answer, category, meta))
@@ -239,7 +243,9 @@ def mmmu_questions(rows: list[dict[str, object]]) -> list[Question]:
     for r in rows:
         if "options" in r:  # the dataset card's parquet
             _require(rows, ("id", "question", "options", "question_type"), "MMMU")
-            choices = _list_cell(r["options"], f"MMMU {r['id']} options") if r["options"] not in (None, "") else []
+            if not (isinstance(r["options"], (list, tuple)) or str(r["options"]).strip().startswith("[")):
+                raise InvalidInputError(f"MMMU {r['id']} options {str(r['options'])[:80]!r} is not a list")
+            choices = _list_cell(r["options"], f"MMMU {r['id']} options")
             options = {chr(65 + i): str(c).strip() for i, c in enumerate(choices)}
             images = [r[f"image_{k}"] for k in range(1, 8) if r.get(f"image_{k}") is not None]
             qtype = _text(r, "question_type")
