@@ -14,7 +14,11 @@ class ScriptedModel:
     """Answers from a table keyed by the prompt's first line; records what it was asked."""
 
     def __init__(self, replies):
+        from types import SimpleNamespace
+
         self.replies, self.asked = replies, []
+        self.config = SimpleNamespace(llm=SimpleNamespace(max_position_embeddings=4096))
+        self.tokenizer = SimpleNamespace(encode=str.split)
 
     def understand(self, images, prompt, *, think=False, max_new_tokens=None):
         self.asked.append((len(images or []), prompt, max_new_tokens))
@@ -303,3 +307,12 @@ def test_values_the_benchmarks_never_hold_are_refused(tmp_path):
     mmmu = {"id": "v_1", "question": "q", "options": "a, b, c", "answer": "A", "question_type": "multiple-choice"}
     with pytest.raises(InvalidInputError, match="MMMU v_1 options 'a, b, c' is not a list"):
         mmmu_questions([mmmu])
+
+
+def test_a_question_longer_than_the_context_is_refused(tmp_path):
+    from openbagel import BagelPipeline
+
+    pipe = BagelPipeline.from_pretrained()
+    rows = [{"index": 0, "image": b64("white"), "question": "is it " * 5000, "answer": "Yes", "category": "existence"}]
+    with pytest.raises(InvalidInputError, match="question 0: its text .* is longer than the model's context"):
+        run_benchmark(pipe, "mme", write_tsv(tmp_path / "long.tsv", rows), tmp_path / "out")

@@ -189,6 +189,17 @@ def _first(questions: list[Question], n: int, *, circular: bool) -> list[Questio
     return [q for q in questions if int(q.id) % CIRCULAR_OFFSET in keep]
 
 
+def _check_length(pipe, q: Question, prompt: str) -> None:
+    """Refuse a question whose text alone overflows the model's context (before a long, doomed prefill)."""
+    limit = pipe.config.llm.max_position_embeddings
+    # a token is at least one character: a longer text is refused without tokenizing it
+    if len(prompt) > 16 * limit or len(pipe.tokenizer.encode(prompt)) > limit:
+        raise InvalidInputError(
+            f"question {q.id}: its text ({len(prompt)} characters) is longer than the model's context "
+            f"({limit} positions); shorten or drop that row"
+        )
+
+
 def load_questions(bench: str, data: Path, limit: int | None = None) -> list[Question]:
     """The questions a run of ``bench`` on ``data`` asks (``limit``: see :func:`run_benchmark`), checked.
 
@@ -258,6 +269,7 @@ def run_benchmark(
                 if progress is not None:
                     progress(1)
                 continue
+            _check_length(pipe, q, q.prompt(instruction))
             images = [decode_image(cell) for cell in q.images]
             if images and spec.first_image_scale != 1:
                 s = spec.first_image_scale
