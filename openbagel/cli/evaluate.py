@@ -383,6 +383,7 @@ def data_shapes_bench(
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise InvalidInputError(f"{str(output)!r} exists and is not an empty folder; give a new folder")
         for bench, path in write_shapes_benchmarks(output, count, seed).items():
-            typer.echo(f"{bench:8s} {path}")
+            extra = f"  (--images {output / 'imgedit_originals'})" if bench == "imgedit" else ""
+            typer.echo(f"{bench:8s} {path}{extra}")
 
     _run(body)
