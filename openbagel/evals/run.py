@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from openbagel.errors import InvalidInputError
 from openbagel.evals.answers import MMMUChoiceParser, infer_choice, mmmu_open_correct, yes_no_mme, yes_no_pope
 from openbagel.evals.folders import check_limit, open_run_folder, record_run, safe_name
@@ -51,7 +53,7 @@ class QuestionBenchmark:
         questions: rows of its file -> questions (prompts built as BAGEL's scripts build them).
         max_new_tokens: the answer length BAGEL's script allows.
         finish: ``(questions, replies by id, OUT) -> scores``; also writes the official files into OUT.
-        first_image_scale: the first image enlarged this many times (BAGEL's MMMU script: 2).
+        first_image_scale: the first image enlarged this many times, bilinear (BAGEL's MMMU script: 2).
     """
 
     title: str
@@ -273,7 +275,7 @@ def run_benchmark(
             images = [decode_image(cell) for cell in q.images]
             if images and spec.first_image_scale != 1:
                 s = spec.first_image_scale
-                images[0] = images[0].resize((images[0].width * s, images[0].height * s))
+                images[0] = images[0].resize((images[0].width * s, images[0].height * s), Image.Resampling.BILINEAR)
             result = pipe.understand(
                 images or None,
                 q.prompt(instruction),
