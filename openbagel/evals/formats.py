@@ -110,19 +110,28 @@ def read_rows(path: Path) -> list[dict[str, object]]:
     return rows
 
 
+def _cell_bytes(cell: object) -> bytes:
+    """The encoded image of a file cell: base64 text, raw bytes, or a parquet image struct (``{"bytes": ...}``).
+
+    Raises:
+        ValueError (binascii.Error too): a cell that is none of these.
+    """
+    data = cell.get("bytes") if isinstance(cell, Mapping) else cell
+    if isinstance(data, str):
+        data = base64.b64decode(data, validate=False)
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"a cell of type {type(cell).__name__}")
+    return bytes(data)
+
+
 def decode_image(cell: object) -> Image.Image:
-    """An RGB image from a file cell: base64 text, raw bytes, or a parquet image struct (``{"bytes": ...}``).
+    """An RGB image from a file cell (see :func:`_cell_bytes`).
 
     Raises:
         InvalidInputError: a cell that is none of these or not an image.
     """
-    data = cell.get("bytes") if isinstance(cell, Mapping) else cell
     try:
-        if isinstance(data, str):
-            data = base64.b64decode(data, validate=False)
-        if not isinstance(data, (bytes, bytearray)):
-            raise ValueError(f"unexpected image cell of type {type(cell).__name__}")
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        return Image.open(io.BytesIO(_cell_bytes(cell))).convert("RGB")
     except Exception as e:  # binascii, PIL: all mean a cell that is not an image
         raise InvalidInputError(
             f"an image cell could not be decoded ({type(e).__name__}): is this the benchmark's file?"
@@ -136,13 +145,8 @@ def check_images(cells: list[tuple[str, object]]) -> None:
         InvalidInputError: naming the first row whose image cannot be read.
     """
     for row, cell in cells:
-        data = cell.get("bytes") if isinstance(cell, Mapping) else cell
         try:
-            if isinstance(data, str):
-                data = base64.b64decode(data, validate=False)
-            if not isinstance(data, (bytes, bytearray)):
-                raise ValueError(f"a cell of type {type(cell).__name__}")
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(_cell_bytes(cell))) as img:
                 img.verify()
         except Exception as e:  # binascii, PIL, ValueError: all mean a cell that is not an image
             raise InvalidInputError(
